@@ -1,0 +1,464 @@
+"""The averaging engine: name-matched tensors and one fused in-place update per group.
+
+The engine knows named tensors, not frameworks. It is built once over the module that holds
+the average (the *target*) and, for each source module it is asked to read, resolves once:
+
+* the pairs of tensors, matched by name after wrapper prefixes are stripped
+  (:func:`canonical_name`), never by position;
+* what each pair does: *average* (floating parameters, and floating persistent buffers when
+  ``update_buffers``) or *copy* (every other buffer: integer and bool buffers such as
+  BatchNorm's ``num_batches_tracked`` are always copied, never averaged or truncated);
+* groups by (device, dtype) of both sides, with runs of tensors that are adjacent in memory on
+  both sides merged into one view (so a model laid out by :func:`flatten_parameters` is
+  updated by a single ``lerp_``);
+* for pairs whose dtype or device differ (an fp32 average of a bf16 model, an average kept on
+  the CPU), a staging plan through a bounded scratch buffer, so no model-sized temporary is
+  ever allocated.
+
+An update is then one ``torch._foreach_lerp_`` per group plus one ``torch._foreach_copy_`` per
+copy group: no module walk, no dict building, no ``.item()``, no host-device synchronisation.
+The binding is checked on every call with two C-level passes (the data pointers of the
+source's parameters and the identity of its buffers), so it stays right after ``.to()``,
+``.cuda()`` or ``.half()`` of the source; the target is re-resolved when the averaged model
+is moved (see :meth:`AveragingEngine.invalidate`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "WRAPPER_COMPONENTS",
+    "canonical_name",
+    "unwrap_model",
+    "named_state",
+    "flatten_parameters",
+    "AveragingEngine",
+    "Weight",
+]
+
+#: Module names that wrappers insert into parameter names and that are dropped when matching:
+#: ``_orig_mod`` (``torch.compile``), ``_fsdp_wrapped_module`` (FSDP1) and
+#: ``_checkpoint_wrapped_module`` (activation checkpointing), anywhere in the name. A leading
+#: ``module.`` (DistributedDataParallel, DataParallel) is dropped too.
+WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+#: Elements per staging chunk (4 MiB in fp32): large enough to amortise the per-chunk launch,
+#: small enough to stay in cache between the copy and the lerp that reads it.
+STAGING_CHUNK = 1 << 20
+
+Weight = Union[float, Tensor]  # noqa: UP007 (a runtime alias)
+"""The weight of the source in an update: a host float, or a 0-d tensor on the average's
+device (read by the kernel, never by the host)."""
+
+_data_ptr = Tensor.data_ptr
+_getitem = operator.getitem
+_is = operator.is_
+
+
+def canonical_name(name: str) -> str:
+    """The name of a tensor with wrapper prefixes removed.
+
+    >>> canonical_name("module._orig_mod.layer1._checkpoint_wrapped_module.weight")
+    'layer1.weight'
+    """
+    parts = [p for p in name.split(".") if p not in WRAPPER_COMPONENTS]
+    while len(parts) > 1 and parts[0] == "module":
+        del parts[0]
+    return ".".join(parts)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Peel ``DistributedDataParallel``, ``DataParallel`` and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+@dataclass(frozen=True)
+class StateEntry:
+    """One named tensor of a module, with where it lives."""
+
+    name: str  # canonical name
+    tensor: Tensor  # the Parameter object, or the buffer tensor
+    is_buffer: bool
+    persistent: bool
+    owner: dict  # the owning module's _parameters or _buffers dict
+    key: str  # its key in ``owner``
+
+
+def named_state(module: nn.Module) -> dict[str, StateEntry]:
+    """Every parameter and buffer of ``module`` by canonical name, in registration order.
+
+    Tied tensors appear once. Raises :class:`ValueError` if stripping wrapper prefixes makes
+    two names collide.
+    """
+    out: dict[str, StateEntry] = {}
+    seen: set[int] = set()
+    for mod_name, mod in module.named_modules(remove_duplicate=True):
+        prefix = mod_name + "." if mod_name else ""
+        for is_buffer, table in ((False, mod._parameters), (True, mod._buffers)):
+            for key, t in table.items():
+                if t is None or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                name = canonical_name(prefix + key)
+                if name in out:
+                    raise ValueError(
+                        f"two tensors are both named {name!r} once wrapper prefixes are stripped "
+                        f"(one is {prefix + key!r})"
+                    )
+                persistent = not is_buffer or key not in mod._non_persistent_buffers_set
+                out[name] = StateEntry(name, t, is_buffer, persistent, table, key)
+    return out
+
+
+def _averaged(t: Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _is_plain(t: Tensor) -> bool:
+    return type(t) in (Tensor, nn.Parameter)
+
+
+def flatten_parameters(module: nn.Module) -> nn.Module:
+    """Lay out ``module``'s parameters in one contiguous buffer per (device, dtype).
+
+    Each parameter becomes a view of its group's buffer (identity, ``requires_grad`` and
+    values unchanged). When both the model and its average are laid out this way the
+    engine updates each group with a single ``lerp_`` over the whole buffer instead of a
+    multi-tensor kernel. Call it before building the optimizer; ``.to()`` or ``.half()``
+    undo the layout (call it again after them). Returns ``module``.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+    for p in module.parameters():
+        if _is_plain(p):
+            groups.setdefault((p.device, p.dtype), []).append(p)
+    with torch.no_grad():
+        for (device, dtype), params in groups.items():
+            flat = torch.empty(sum(p.numel() for p in params), device=device, dtype=dtype)
+            offset = 0
+            for p in params:
+                n = p.numel()
+                view = flat[offset : offset + n].view_as(p)
+                view.copy_(p)
+                p.data = view
+                offset += n
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# Plans: what one call does to one group of tensors.
+
+
+def _coalesce(dst: list[Tensor], src: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Merge runs of pairs that are adjacent in memory on both sides into single 1-d views."""
+
+    def adjacent(a: Tensor, b: Tensor) -> bool:
+        return (
+            a.is_contiguous()
+            and b.is_contiguous()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() + a.numel() == b.storage_offset()
+        )
+
+    def view(first: Tensor, numel: int) -> Tensor:
+        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (numel,))
+
+    out_d: list[Tensor] = []
+    out_s: list[Tensor] = []
+    i, n = 0, len(dst)
+    while i < n:
+        j = i
+        while j + 1 < n and adjacent(dst[j], dst[j + 1]) and adjacent(src[j], src[j + 1]):
+            j += 1
+        if j == i:
+            out_d.append(dst[i])
+            out_s.append(src[i])
+        else:
+            numel = sum(t.numel() for t in dst[i : j + 1])
+            out_d.append(view(dst[i], numel))
+            out_s.append(view(src[i], numel))
+        i = j + 1
+    return out_d, out_s
+
+
+def _pieces(dst: list[Tensor], src: list[Tensor], chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Split pairs into pieces of at most ``chunk`` elements (contiguous tensors only)."""
+    for d, s in zip(dst, src, strict=True):
+        n = d.numel()
+        if n <= chunk or not (d.is_contiguous() and s.is_contiguous()):
+            yield d, s
+            continue
+        d1, s1 = d.view(-1), s.reshape(-1)
+        for a in range(0, n, chunk):
+            yield d1[a : a + chunk], s1[a : a + chunk]
+
+
+@dataclass
+class _Group:
+    """Pairs of one (target device, dtype, source device, dtype)."""
+
+    dst: list[Tensor]
+    src: list[Tensor]
+    # Staging plan, for groups whose two sides differ in dtype or device:
+    # (destination pieces, source pieces, scratch views) per chunk.
+    staged: list[tuple[list[Tensor], list[Tensor], list[Tensor]]] = field(default_factory=list)
+
+    def lerp_(self, weight: Weight) -> None:
+        if not self.staged:
+            _lerp(self.dst, self.src, weight)
+            return
+        for dst, src, scratch in self.staged:
+            torch._foreach_copy_(scratch, src)
+            _lerp(dst, scratch, weight)
+
+    def copy_(self) -> None:
+        torch._foreach_copy_(self.dst, self.src)
+
+
+def _lerp(dst: list[Tensor], src: list[Tensor], weight: Weight) -> None:
+    if isinstance(weight, Tensor):
+        # The Tensor[] overload reads the weight on the device; a 0-d tensor passed as a
+        # Scalar would be read back to the host.
+        torch._foreach_lerp_(dst, src, [weight] * len(dst))
+    else:
+        torch._foreach_lerp_(dst, src, weight)
+
+
+def _build_groups(pairs: list[tuple[Tensor, Tensor]], *, stage: bool) -> list[_Group]:
+    by_key: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+    for d, s in pairs:
+        by_key.setdefault((d.device, d.dtype, s.device, s.dtype), []).append((d, s))
+    groups = []
+    for (ddev, ddt, sdev, sdt), members in by_key.items():
+        dst, src = _coalesce([d for d, _ in members], [s for _, s in members])
+        group = _Group(dst, src)
+        if stage and (ddev != sdev or ddt != sdt):
+            chunk = STAGING_CHUNK
+            pieces = list(_pieces(dst, src, chunk))
+            size = max([chunk] + [d.numel() for d, _ in pieces])
+            scratch = torch.empty(min(size, sum(d.numel() for d, _ in pieces)), device=ddev, dtype=ddt)
+            batch: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+            used = 0
+            for d, s in pieces:
+                n = d.numel()
+                if used + n > scratch.numel() and batch[0]:
+                    group.staged.append(batch)
+                    batch, used = ([], [], []), 0
+                batch[0].append(d)
+                batch[1].append(s)
+                batch[2].append(scratch[used : used + n].view(d.shape))
+                used += n
+            if batch[0]:
+                group.staged.append(batch)
+        groups.append(group)
+    return groups
+
+
+# --------------------------------------------------------------------------------------------
+# The binding of the target to one source module.
+
+
+@dataclass
+class _Binding:
+    source: weakref.ref
+    params: tuple[Tensor, ...]  # source Parameter objects, for the fingerprint
+    param_ptrs: tuple[int, ...]
+    buffer_owners: list[dict]
+    buffer_keys: list[str]
+    buffers: list[Tensor]  # source buffer objects at bind time
+    names: list[str]  # canonical names, target order
+    kinds: list[str]  # "avg" | "copy" per name
+    dst: list[Tensor]  # target tensors (detached), target order
+    src: list[Tensor]  # source tensors (detached), target order
+    is_buffer: list[bool]
+    plans: dict[str, list[_Group]] = field(default_factory=dict)
+
+    def fresh(self) -> bool:
+        if tuple(map(_data_ptr, self.params)) != self.param_ptrs:
+            return False
+        return all(map(_is, map(_getitem, self.buffer_owners, self.buffer_keys), self.buffers))
+
+    def plan(self, subset: str) -> list[_Group]:
+        plan = self.plans.get(subset)
+        if plan is None:
+            select = {
+                "avg": lambda i: self.kinds[i] == "avg",
+                "copy": lambda i: self.kinds[i] == "copy",
+                "all": lambda i: True,
+                "buffers": lambda i: self.is_buffer[i],
+            }[subset]
+            idx = [i for i in range(len(self.dst)) if select(i)]
+            pairs = [(self.dst[i], self.src[i]) for i in idx]
+            plan = _build_groups(pairs, stage=subset == "avg")
+            self.plans[subset] = plan
+        return plan
+
+
+class AveragingEngine:
+    """Fused in-place averaging of a target module's tensors toward a source module's.
+
+    Args:
+        target: the module that holds the average (its tensors are updated in place).
+        update_buffers: average floating persistent buffers too; otherwise every buffer is
+            copied from the source on every call.
+    """
+
+    def __init__(self, target: nn.Module, *, update_buffers: bool = False) -> None:
+        self.target = target
+        self.update_buffers = bool(update_buffers)
+        self._target_state: dict[str, StateEntry] | None = None
+        self._bindings: dict[int, _Binding] = {}
+
+    # -- resolution ---------------------------------------------------------------------
+
+    def invalidate(self) -> None:
+        """Forget every resolved tensor list (call after the target's tensors were replaced)."""
+        self._target_state = None
+        self._bindings.clear()
+
+    def target_state(self) -> dict[str, StateEntry]:
+        if self._target_state is None:
+            state = named_state(self.target)
+            if not state:
+                raise ValueError("the averaged model has no parameters or buffers: nothing to average")
+            self._target_state = state
+        return self._target_state
+
+    def kind(self, entry: StateEntry) -> str:
+        t = entry.tensor
+        if not _averaged(t):
+            return "copy"
+        if entry.is_buffer and not (self.update_buffers and entry.persistent):
+            return "copy"
+        return "avg"
+
+    def bind(self, source: nn.Module) -> _Binding:
+        """The resolved pairs between the target and ``source`` (cached, re-checked per call)."""
+        b = self._bindings.get(id(source))
+        if b is not None and b.source() is source and b.fresh():
+            return b
+        b = self._bind(source)
+        self._bindings = {k: v for k, v in self._bindings.items() if v.source() is not None}
+        self._bindings[id(source)] = b
+        return b
+
+    def _bind(self, source: nn.Module) -> _Binding:
+        if not isinstance(source, nn.Module):
+            raise TypeError(f"expected an nn.Module to average, got {type(source).__name__}")
+        tgt = self.target_state()
+        src = named_state(source)
+        missing = [n for n in tgt if n not in src]
+        unexpected = [n for n in src if n not in tgt]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing from the source: {_few(missing)}")
+            if unexpected:
+                parts.append(f"not in the average: {_few(unexpected)}")
+            raise ValueError(
+                "the source model does not match the average (names compared after stripping "
+                "wrapper prefixes); " + "; ".join(parts)
+            )
+        names, kinds, dst, srcs, is_buf = [], [], [], [], []
+        for name, e in tgt.items():
+            s = src[name].tensor
+            if s.shape != e.tensor.shape:
+                raise ValueError(
+                    f"tensor {name!r} has shape {tuple(s.shape)} in the source but "
+                    f"{tuple(e.tensor.shape)} in the average"
+                )
+            kind = self.kind(e)
+            if kind == "avg" and not _averaged(s):
+                raise ValueError(f"tensor {name!r} is {s.dtype} in the source but averaged as {e.tensor.dtype}")
+            names.append(name)
+            kinds.append(kind)
+            dst.append(e.tensor.detach())
+            srcs.append(s.detach())
+            is_buf.append(e.is_buffer)
+        params = tuple(e.tensor for e in src.values() if not e.is_buffer)
+        bufs = [e for e in src.values() if e.is_buffer]
+        return _Binding(
+            source=weakref.ref(source),
+            params=params,
+            param_ptrs=tuple(map(_data_ptr, params)),
+            buffer_owners=[e.owner for e in bufs],
+            buffer_keys=[e.key for e in bufs],
+            buffers=[e.tensor for e in bufs],
+            names=names,
+            kinds=kinds,
+            dst=dst,
+            src=srcs,
+            is_buffer=is_buf,
+        )
+
+    # -- the hot path ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def average_(self, source: nn.Module, weight: Weight) -> None:
+        """Move averaged tensors toward ``source`` by ``weight`` and copy the others.
+
+        .. math:: \\bar\\theta \\leftarrow \\bar\\theta + w\\,(\\theta - \\bar\\theta)
+
+        for every averaged tensor, with :math:`w` the ``weight`` (a float, or a 0-d tensor
+        on the average's device); one fused kernel per (device, dtype) group.
+        """
+        b = self.bind(source)
+        for g in b.plan("avg"):
+            g.lerp_(weight)
+        for g in b.plan("copy"):
+            g.copy_()
+
+    @torch.no_grad()
+    def copy_(self, source: nn.Module, subset: str = "all") -> None:
+        """Copy tensors from ``source``: ``"all"``, ``"copy"`` (the non-averaged ones) or
+        ``"buffers"``."""
+        for g in self.bind(source).plan(subset):
+            g.copy_()
+
+    # -- per-tensor access (user ``avg_func``, swapping) ----------------------------------
+
+    def pairs(self, source: nn.Module) -> Iterable[tuple[str, str, Tensor, Tensor]]:
+        """``(name, kind, target tensor, source tensor)`` for every matched pair."""
+        b = self.bind(source)
+        return zip(b.names, b.kinds, b.dst, b.src, strict=True)
+
+    @torch.no_grad()
+    def swap_(self, model: nn.Module) -> None:
+        """Exchange the averaged tensors with ``model``'s, in place, one tensor at a time.
+
+        Each side is cast to the other's dtype and device, so the peak extra memory is one
+        tensor. Exact both ways when the average's dtype can hold the model's (fp32 for a
+        bf16 model); the caller checks that.
+        """
+        for _, kind, avg, live in self.pairs(model):
+            if kind != "avg":
+                continue
+            tmp = live.clone()
+            live.copy_(avg)
+            avg.copy_(tmp)
+
+    @torch.no_grad()
+    def write_to_(self, model: nn.Module, subset: str = "all") -> None:
+        """Copy the target's tensors into ``model`` (``"all"`` or ``"avg"``)."""
+        for _, kind, avg, live in self.pairs(model):
+            if subset == "all" or kind == subset:
+                live.copy_(avg)
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    shown = ", ".join(repr(x) for x in itertools.islice(names, n))
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -1,0 +1,647 @@
+"""Averaged models: ``nn.Module`` faces over the engine and a momentum schedule.
+
+The classes and signatures are OpenMMLab's (mmengine ``BaseAveragedModel``,
+``ExponentialMovingAverage``, ``MomentumAnnealingEMA``, ``StochasticWeightAverage``; mmagic
+``RampUpEMA``; mmpretrain ``CosineEMA``), with their ``state_dict`` layout (``steps`` and
+``module.*``), so configs and checkpoints move over unchanged. Deliberate differences:
+
+* ``interval`` is compensated exactly by default (:func:`polyak.schedules.interval_momentum`);
+  ``compensate_interval=False`` gives the uncompensated OpenMMLab numbers.
+* bad arguments raise :class:`ValueError` instead of failing an ``assert``;
+* a low-precision model gets an fp32 average (``dtype=`` chooses), integer buffers are always
+  copied, tensors are matched by name through ``DDP``/``torch.compile`` wrappers, and a failed
+  update or load changes nothing.
+
+Counting rule: ``steps`` is the number of earlier ``update_parameters`` calls that counted.
+The call with ``steps == 0`` copies the source; a later call averages when
+``steps % interval == 0`` and otherwise only copies the non-averaged tensors (buffers); then
+``steps += 1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from .engine import AveragingEngine, Weight, unwrap_model
+from .schedules import (
+    ConstantMomentum,
+    CosineMomentum,
+    EqualAverage,
+    MomentumAnnealing,
+    RampUpMomentum,
+    Schedule,
+    interval_momentum,
+)
+
+__all__ = [
+    "BaseAveragedModel",
+    "ExponentialMovingAverage",
+    "MomentumAnnealingEMA",
+    "StochasticWeightAverage",
+    "RampUpEMA",
+    "CosineEMA",
+]
+
+_LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})
+
+
+def _average_dtype(t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if not t.is_floating_point():
+        return t.dtype
+    if dtype is not None:
+        return dtype
+    return torch.float32 if t.dtype in _LOW_PRECISION or t.element_size() < 2 else t.dtype
+
+
+def _holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether every value of ``narrow`` is exactly representable in ``wide``."""
+    if wide == narrow:
+        return True
+    if wide == torch.float64:
+        return narrow.is_floating_point
+    if wide == torch.float32:
+        return narrow in _LOW_PRECISION
+    return wide == torch.complex128 and narrow == torch.complex64
+
+
+def copy_module(model: nn.Module, *, device: torch.device | None, dtype: torch.dtype | None) -> nn.Module:
+    """A deep copy of ``model`` with ``requires_grad`` off, each tensor created directly on
+    ``device`` and in its average dtype (no transient copy on the model's device)."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) in memo:
+            continue
+        new = t.detach().to(device=device or t.device, dtype=_average_dtype(t, dtype), copy=True)
+        memo[id(t)] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+    return copy.deepcopy(model, memo).requires_grad_(False)
+
+
+def _check_interval(interval: object) -> int:
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"interval must be a positive int, got {interval!r}")
+    return interval
+
+
+class BaseAveragedModel(nn.Module):
+    """A copy of a model whose weights track a running average of the model's.
+
+    .. math::
+
+        \\bar\\theta_{s+1} = \\begin{cases}
+            \\theta_s & s = 0 \\\\
+            (1 - m_k(s))\\,\\bar\\theta_s + m_k(s)\\,\\theta_s & s \\bmod k = 0 \\\\
+            \\bar\\theta_s & \\text{otherwise}
+        \\end{cases}
+
+    where :math:`s` is ``steps``, :math:`k` is ``interval`` and :math:`m_k(s)` is the
+    interval-compensated momentum of the subclass
+    (:func:`polyak.schedules.interval_momentum`). Buffers that are not averaged are copied
+    from the model on every call.
+
+    Subclass it either with a :class:`~polyak.schedules.Schedule` (override
+    :meth:`make_schedule`; the update is then one fused kernel per (device, dtype) group) or
+    mmengine's way, by overriding :meth:`avg_func` (called per tensor with ``steps`` an int).
+
+    Args:
+        model: the model to average. ``DistributedDataParallel``, ``DataParallel`` and
+            ``torch.compile`` wrappers are removed first, so ``.module`` is the plain model.
+        interval: average every ``interval`` calls. Defaults to 1.
+        device: keep the average on this device (e.g. ``"cpu"`` to offload). Defaults to
+            the model's.
+        update_buffers: average floating buffers (BatchNorm statistics) too; otherwise copy
+            them. Integer buffers are always copied. Defaults to False.
+        dtype: dtype of the floating tensors of the average. Defaults to float32 for
+            float16/bfloat16 models (a bf16 average at decay 0.999 never moves) and to the
+            model's dtype otherwise.
+        compensate_interval: use :math:`1 - \\prod(1 - m(j))` over the ``interval`` steps an
+            update stands for, so the horizon in steps does not depend on ``interval``.
+            ``False`` reproduces mmengine/mmagic/mmpretrain. Defaults to True.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        interval: int = 1,
+        device: torch.device | str | None = None,
+        update_buffers: bool = False,
+        *,
+        dtype: torch.dtype | None = None,
+        compensate_interval: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        if not self._has_avg_func() and type(self).make_schedule is BaseAveragedModel.make_schedule:
+            raise TypeError(
+                f"{type(self).__name__} defines no averaging rule: override avg_func or "
+                "make_schedule, or use ExponentialMovingAverage / StochasticWeightAverage"
+            )
+        self.interval = _check_interval(interval)
+        self.update_buffers = bool(update_buffers)
+        self.compensate_interval = bool(compensate_interval)
+        self.module = copy_module(unwrap_model(model), device=torch.device(device) if device else None, dtype=dtype)
+        self._steps = 0
+        self._swapped = False
+        self._engine = AveragingEngine(self.module, update_buffers=self.update_buffers)
+        self._engine.target_state()  # nothing to average is an error now, not at the first update
+
+    # -- the rule ----------------------------------------------------------------------
+
+    def make_schedule(self) -> Schedule:
+        """The momentum schedule of this class, built from its current attributes."""
+        raise NotImplementedError
+
+    @property
+    def schedule(self) -> Schedule:
+        """The :class:`~polyak.schedules.Schedule` in force (rebuilt from the attributes, so
+        changing ``momentum`` takes effect at the next update)."""
+        return self.make_schedule()
+
+    def _has_avg_func(self) -> bool:
+        return type(self).avg_func is not BaseAveragedModel.avg_func
+
+    def momentum_at(self, steps: int) -> float:
+        """The weight of the source in the update made at ``steps`` (interval compensation
+        included)."""
+        return interval_momentum(self.schedule, steps, self.interval, compensate=self.compensate_interval)
+
+    def avg_func(self, averaged_param: Tensor, source_param: Tensor, steps: int) -> None:
+        """Average one tensor in place: ``averaged_param.lerp_(source_param, m)``.
+
+        Override it (mmengine's way) to define a custom rule; the built-in classes do not
+        call it in their updates, which use one fused kernel for all tensors.
+        """
+        averaged_param.lerp_(source_param, self.momentum_at(steps))
+
+    # -- counting ----------------------------------------------------------------------
+
+    @property
+    def steps(self) -> int:
+        """The number of earlier ``update_parameters`` calls that counted."""
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: int | Tensor) -> None:
+        value = int(value)
+        if value < 0:
+            raise ValueError(f"steps must be >= 0, got {value}")
+        self._steps = value
+
+    # -- updates -----------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the averaged model."""
+        return self.module(*args, **kwargs)
+
+    def update_parameters(self, model: nn.Module) -> None:
+        """Fold ``model``'s current weights into the average (see the class formula)."""
+        self._check_not_swapped("update_parameters")
+        steps = self._steps
+        if steps == 0:
+            self._engine.copy_(model, "all")
+        elif steps % self.interval == 0:
+            if self._has_avg_func():
+                self._avg_func_update(model, steps)
+            else:
+                self._engine.average_(model, self.momentum_at(steps))
+        else:
+            self._engine.copy_(model, "copy")
+        self._steps = steps + 1
+
+    def average_(self, model: nn.Module, weight: Weight) -> None:
+        """One averaging update with an explicit ``weight`` (a float or a 0-d tensor on the
+        average's device, for callers that keep their step count on the device). Does not
+        touch ``steps``."""
+        self._check_not_swapped("average_")
+        self._engine.average_(model, weight)
+
+    def _avg_func_update(self, model: nn.Module, steps: int) -> None:
+        pairs = list(self._engine.pairs(model))
+        with torch.no_grad():
+            for _, kind, avg, src in pairs:
+                if kind == "avg":
+                    self.avg_func(avg, src.to(device=avg.device, dtype=avg.dtype), steps)
+        self._engine.copy_(model, "copy")
+
+    def sync_parameters(self, model: nn.Module) -> None:
+        """Copy every parameter and buffer of ``model`` into the average."""
+        self._check_not_swapped("sync_parameters")
+        self._engine.copy_(model, "all")
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Copy every buffer of ``model`` into the average."""
+        self._check_not_swapped("sync_buffers")
+        self._engine.copy_(model, "buffers")
+
+    # -- using the average --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Put the average into ``model`` in place for the block, then restore it.
+
+        The averaged tensors are cast to the model's dtype and written into its own
+        parameters, so compiled and wrapped models see them; the live weights come back when
+        the block ends, also when it raises. Exchanging needs one tensor of extra memory
+        when the average's dtype holds the model's exactly (fp32 for a bf16 model), and a
+        copy of the live weights otherwise. Raises :class:`RuntimeError` before the first
+        update, when the average is still the construction-time copy.
+
+        >>> # with ema.swapped(model):
+        >>> #     evaluate(model)
+        """
+        self._check_not_swapped("swapped")
+        if self._steps == 0:
+            raise RuntimeError(
+                f"{type(self).__name__} has not been updated yet: call update_parameters(model) "
+                "before swapping the average in"
+            )
+        pairs = [(a, b) for _, kind, a, b in self._engine.pairs(model) if kind == "avg"]
+        exact = all(_holds(a.dtype, b.dtype) for a, b in pairs)
+        backup = None
+        with torch.no_grad():
+            if exact:
+                self._engine.swap_(model)
+            else:
+                backup = [b.clone() for _, b in pairs]
+                for a, b in pairs:
+                    b.copy_(a)
+        self._swapped = exact
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                if backup is None:
+                    self._engine.swap_(model)
+                else:
+                    torch._foreach_copy_([b for _, b in pairs], backup)
+            self._swapped = False
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Write the average (parameters and buffers) into ``model`` permanently."""
+        self._check_not_swapped("copy_to")
+        self._engine.write_to_(model, "all")
+
+    def _check_not_swapped(self, what: str) -> None:
+        if self._swapped:
+            raise RuntimeError(f"{what}() inside swapped(): the average holds the live weights until the block ends")
+
+    # -- state --------------------------------------------------------------------------
+
+    def _extra_counters(self) -> dict[str, int]:
+        return {}
+
+    def _set_extra_counters(self, counters: Mapping[str, int]) -> None:
+        pass
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        self._check_not_swapped("state_dict")
+        destination[prefix + "steps"] = torch.tensor(self._steps, dtype=torch.long)
+        for k, v in self._extra_counters().items():
+            destination[prefix + k] = torch.tensor(v, dtype=torch.long)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _counter_keys(self) -> tuple[str, ...]:
+        return ("steps", *self._extra_counters())
+
+    def _normalise_keys(self, state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        """Add the ``module.`` prefix to keys saved without it (OpenMMLab 1.0 layout)."""
+        counters = self._counter_keys()
+        out = {}
+        for k, v in state_dict.items():
+            if k.startswith(prefix):
+                rest = k[len(prefix) :]
+                if rest not in counters and not rest.startswith("module."):
+                    k = prefix + "module." + rest
+            out[k] = v
+        return out
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
+        """Load an average saved by this class, mmengine, mmagic or mmpretrain.
+
+        Keys without the ``module.`` prefix are accepted, and so is a missing ``steps``
+        (then 0, as in mmagic: the next update re-initialises from the model). Tensors keep
+        the average's own dtype and device. Everything is checked before anything is
+        written, so a failed load changes nothing. ``assign`` is not supported.
+        """
+        if assign:
+            raise ValueError("assign=True is not supported: the average keeps its own tensors, dtype and device")
+        self._check_not_swapped("load_state_dict")
+        sd = self._normalise_keys(state_dict, "")
+        own = self.state_dict(keep_vars=True)
+        counters = self._counter_keys()
+        missing = [k for k in own if k not in sd and k not in counters]
+        unexpected = [k for k in sd if k not in own]
+        errors = []
+        if strict and (missing or unexpected):
+            if missing:
+                errors.append(f"missing keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            if unexpected:
+                errors.append(f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        for k, v in sd.items():
+            if k not in own:
+                continue
+            if not isinstance(v, Tensor):
+                errors.append(f"{k!r} is a {type(v).__name__}, not a tensor")
+            elif k in counters:
+                if v.numel() != 1 or v.is_floating_point():
+                    errors.append(f"{k!r} must be a single integer, got {v.dtype} of shape {tuple(v.shape)}")
+            elif v.shape != own[k].shape:
+                errors.append(f"{k!r} has shape {tuple(v.shape)} in the file but {tuple(own[k].shape)} in the average")
+            elif (v.is_floating_point() or v.is_complex()) and not (own[k].is_floating_point() or own[k].is_complex()):
+                errors.append(f"{k!r} is {v.dtype} in the file but {own[k].dtype} in the average")
+        if errors:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(errors))
+        if "steps" not in sd:
+            warnings.warn(
+                f"{type(self).__name__}: the state dict has no 'steps'; starting from 0, so the next "
+                "update re-initialises the average from the model",
+                stacklevel=2,
+            )
+        with torch.no_grad():
+            for k, v in sd.items():
+                if k in own and k not in counters:
+                    own[k].copy_(v)
+        self._steps = int(sd["steps"]) if "steps" in sd else 0
+        self._set_extra_counters({k: int(sd[k]) for k in counters if k != "steps" and k in sd})
+        return _IncompatibleKeys(missing, unexpected)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        # Reached when the average is a submodule of the module being loaded (mmagic's
+        # ``generator_ema``): accept legacy keys and read the counters here.
+        normalised = self._normalise_keys(state_dict, prefix)
+        state_dict.clear()
+        state_dict.update(normalised)
+        counters = self._counter_keys()
+        values = {k: state_dict.pop(prefix + k) for k in counters if prefix + k in state_dict}
+        if "steps" in values:
+            self._steps = int(values.pop("steps"))
+        self._set_extra_counters({k: int(v) for k, v in values.items()})
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> BaseAveragedModel:
+        out = super()._apply(fn, recurse)
+        self._engine.invalidate()
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_engine"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._engine = AveragingEngine(self.module, update_buffers=self.update_buffers)
+
+    def extra_repr(self) -> str:
+        rule = "avg_func" if self._has_avg_func() else repr(self.schedule)
+        return f"steps={self._steps}, interval={self.interval}, rule={rule}"
+
+
+class ExponentialMovingAverage(BaseAveragedModel):
+    """Exponential moving average of a model's weights with a constant momentum.
+
+    .. math:: \\bar\\theta_{t+1} = (1 - m)\\,\\bar\\theta_t + m\\,\\theta_t
+
+    where :math:`m` is ``momentum``, the weight of the new value (the *decay* of torch,
+    timm and diffusers is :math:`\\beta = 1 - m`). The average forgets with a half-life of
+    :math:`\\ln 2 / -\\ln(1 - m)` steps: about 3,466 steps at the default 2e-4, 693 at
+    1e-3. With ``interval`` :math:`k` each update uses :math:`1 - (1 - m)^k` (see
+    :class:`BaseAveragedModel`), so the half-life stays the same in steps.
+
+    Args:
+        model, interval, device, update_buffers, dtype, compensate_interval: as
+            :class:`BaseAveragedModel`.
+        momentum: in :math:`(0, 1)`; a value above 0.5 (likely a decay passed as a
+            momentum) gives a warning. Defaults to 0.0002.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        momentum: float = 0.0002,
+        interval: int = 1,
+        device: torch.device | str | None = None,
+        update_buffers: bool = False,
+        *,
+        dtype: torch.dtype | None = None,
+        compensate_interval: bool = True,
+    ) -> None:
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum < 1.0:
+            raise ValueError(f"momentum must be in (0, 1), got {momentum!r}")
+        if momentum > 0.5:
+            warnings.warn(
+                f"momentum={momentum} is the weight of the new value and is usually small; "
+                f"did you mean momentum={1 - momentum:.6g} (a decay of {momentum})?",
+                UserWarning,
+                stacklevel=2,
+            )
+        super().__init__(model, interval, device, update_buffers, dtype=dtype, compensate_interval=compensate_interval)
+        self.momentum = float(momentum)
+
+    def make_schedule(self) -> Schedule:
+        return ConstantMomentum(self.momentum)
+
+
+class MomentumAnnealingEMA(ExponentialMovingAverage):
+    """EMA whose momentum starts large and anneals to ``momentum`` (mmengine).
+
+    .. math:: m(t) = \\max\\left(m, \\frac{\\gamma}{\\gamma + t}\\right)
+
+    where :math:`m` is ``momentum``, :math:`\\gamma` is ``gamma`` and :math:`t` is
+    ``steps``. The floor 2e-4 is reached at about 499,900 steps with ``gamma=100``.
+
+    Args:
+        model, momentum, interval, device, update_buffers, dtype, compensate_interval: as
+            :class:`ExponentialMovingAverage`.
+        gamma: > 0. Defaults to 100.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        momentum: float = 0.0002,
+        gamma: int = 100,
+        interval: int = 1,
+        device: torch.device | str | None = None,
+        update_buffers: bool = False,
+        *,
+        dtype: torch.dtype | None = None,
+        compensate_interval: bool = True,
+    ) -> None:
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {gamma!r}")
+        super().__init__(
+            model, momentum, interval, device, update_buffers, dtype=dtype, compensate_interval=compensate_interval
+        )
+        self.gamma = gamma
+
+    def make_schedule(self) -> Schedule:
+        return MomentumAnnealing(self.momentum, self.gamma)
+
+
+class StochasticWeightAverage(BaseAveragedModel):
+    """Stochastic weight averaging: the equal average of every averaged snapshot.
+
+    .. math:: \\bar\\theta_{n+1} = \\bar\\theta_n + \\frac{\\theta - \\bar\\theta_n}{n + 1}
+
+    where :math:`n` is the number of snapshots already averaged (``steps // interval``), so
+    after :math:`N` snapshots each has weight :math:`1/N`. ``interval`` chooses which steps
+    are snapshots; it is not compensated (an equal average has no horizon to keep). Run
+    :func:`polyak.update_bn` before evaluating a BatchNorm model (Izmailov et al., 2018).
+
+    Args: as :class:`BaseAveragedModel`.
+    """
+
+    def make_schedule(self) -> Schedule:
+        return EqualAverage()
+
+
+class RampUpEMA(BaseAveragedModel):
+    """EMA with StyleGAN's half-life in images and a ramp-up (mmagic).
+
+    .. math::
+
+        \\beta(t) = 0.5^{\\,b / \\max(\\min(1000\\,k,\\; r\\,(t+1)\\,b),\\; \\epsilon)}, \\qquad
+        m(t) = 1 - \\beta(t)
+
+    where :math:`b` is ``batch_size``, :math:`k` is ``ema_kimg``, :math:`r` is
+    ``ema_rampup`` (``None``: no ramp) and :math:`t` is ``steps``. Calls before
+    ``start_iter`` copy the model and do not advance ``steps``. With ``interval`` :math:`k`
+    each update uses the decay of :math:`k` batches.
+
+    Args:
+        model, interval, device, update_buffers, dtype, compensate_interval: as
+            :class:`BaseAveragedModel`.
+        ema_kimg: half-life in thousands of images. Defaults to 10.
+        ema_rampup: ramp-up ratio, or None. Defaults to 0.05.
+        batch_size: global batch size. Defaults to 32.
+        eps: floor of the half-life. Defaults to 1e-8.
+        start_iter: number of initial calls that only copy. Defaults to 0.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        interval: int = 1,
+        ema_kimg: int = 10,
+        ema_rampup: float | None = 0.05,
+        batch_size: int = 32,
+        eps: float = 1e-8,
+        start_iter: int = 0,
+        device: torch.device | str | None = None,
+        update_buffers: bool = False,
+        *,
+        dtype: torch.dtype | None = None,
+        compensate_interval: bool = True,
+    ) -> None:
+        RampUpMomentum(ema_kimg, ema_rampup, batch_size, eps)  # validates
+        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
+            raise ValueError(f"start_iter must be an int >= 0, got {start_iter!r}")
+        super().__init__(model, interval, device, update_buffers, dtype=dtype, compensate_interval=compensate_interval)
+        self.ema_kimg = ema_kimg
+        self.ema_rampup = ema_rampup
+        self.batch_size = batch_size
+        self.eps = eps
+        self.start_iter = start_iter
+        self._start_calls = 0
+
+    def make_schedule(self) -> Schedule:
+        return RampUpMomentum(self.ema_kimg, self.ema_rampup, self.batch_size, self.eps)
+
+    @staticmethod
+    def rampup(
+        steps: int, ema_kimg: float = 10, ema_rampup: float | None = 0.05, batch_size: int = 4, eps: float = 1e-8
+    ) -> float:
+        """The decay :math:`\\beta` (not the momentum) at ``steps``, as mmagic's ``rampup``."""
+        return RampUpMomentum(ema_kimg, ema_rampup, batch_size, eps).decay(int(steps))
+
+    def update_parameters(self, model: nn.Module) -> None:
+        """Copy ``model`` while fewer than ``start_iter`` calls were made, then average."""
+        if self._start_calls < self.start_iter:
+            self.sync_parameters(model)
+            self._start_calls += 1
+            return
+        super().update_parameters(model)
+
+    def _extra_counters(self) -> dict[str, int]:
+        return {"start_calls": self._start_calls} if self.start_iter else {}
+
+    def _set_extra_counters(self, counters: Mapping[str, int]) -> None:
+        if "start_calls" in counters:
+            self._start_calls = counters["start_calls"]
+
+
+class CosineEMA(ExponentialMovingAverage):
+    """EMA whose momentum follows a half cosine from ``momentum`` to ``end_momentum``
+    (mmpretrain; BYOL, MoCo v3).
+
+    .. math::
+
+        m(t) = m_{\\text{end}} - (m_{\\text{end}} - m_{\\text{start}})
+               \\,\\frac{\\cos(\\pi \\min(t, T) / T) + 1}{2}
+
+    where :math:`m_{\\text{start}}` is ``momentum``, :math:`m_{\\text{end}}` is
+    ``end_momentum``, :math:`T` is ``max_steps`` and :math:`t` is ``steps`` (mmpretrain's
+    docstring flips the sign of the second term; its code, followed here, does not).
+    ``max_steps`` may be set after construction (the hooks set it from the trainer's
+    ``max_iters``); averaging without it raises :class:`ValueError`.
+
+    Args:
+        model, interval, device, update_buffers, dtype, compensate_interval: as
+            :class:`BaseAveragedModel`.
+        momentum: start momentum, in (0, 1). Defaults to 0.004.
+        end_momentum: end momentum, in [0, 1]. Defaults to 0.
+        max_steps: the step :math:`T` at which ``end_momentum`` is reached.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        momentum: float = 0.004,
+        end_momentum: float = 0.0,
+        interval: int = 1,
+        device: torch.device | str | None = None,
+        update_buffers: bool = False,
+        max_steps: int | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        compensate_interval: bool = True,
+    ) -> None:
+        CosineMomentum(momentum, end_momentum, max_steps if max_steps is not None else 1)  # validates
+        super().__init__(
+            model, momentum, interval, device, update_buffers, dtype=dtype, compensate_interval=compensate_interval
+        )
+        self.end_momentum = float(end_momentum)
+        self.max_steps = max_steps
+
+    def make_schedule(self) -> Schedule:
+        if self.max_steps is None:
+            raise ValueError(
+                "CosineEMA needs max_steps (the total number of training steps) before it can average: "
+                "pass max_steps= or set ema.max_steps"
+            )
+        return CosineMomentum(self.momentum, self.end_momentum, self.max_steps)
