@@ -55,6 +55,10 @@ WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoin
 #: small enough to stay in cache between the copy and the lerp that reads it.
 STAGING_CHUNK = 1 << 20
 
+#: Source tensors of at most this many elements are gathered by one ``cat`` per chunk rather
+#: than updated one dispatch each, where that is faster (the CPU, and across devices).
+GATHER_MAX_NUMEL = 4096
+
 Weight = Union[float, Tensor]  # noqa: UP007 (a runtime alias)
 """The weight of the source in an update: a host float, or a 0-d tensor on the average's
 device (read by the kernel, never by the host)."""
@@ -146,6 +150,7 @@ def flatten_parameters(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         if _is_plain(p):
             groups.setdefault((p.device, p.dtype), []).append(p)
+    _EPOCH[0] += 1
     with torch.no_grad():
         for (device, dtype), params in groups.items():
             flat = torch.empty(sum(p.numel() for p in params), device=device, dtype=dtype)
@@ -166,31 +171,20 @@ def flatten_parameters(module: nn.Module) -> nn.Module:
 def _coalesce(dst: list[Tensor], src: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """Merge runs of pairs that are adjacent in memory on both sides into single 1-d views."""
 
-    def adjacent(a: Tensor, b: Tensor) -> bool:
-        return (
-            a.is_contiguous()
-            and b.is_contiguous()
-            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and a.storage_offset() + a.numel() == b.storage_offset()
-        )
-
-    def view(first: Tensor, numel: int) -> Tensor:
-        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (numel,))
-
     out_d: list[Tensor] = []
     out_s: list[Tensor] = []
     i, n = 0, len(dst)
     while i < n:
         j = i
-        while j + 1 < n and adjacent(dst[j], dst[j + 1]) and adjacent(src[j], src[j + 1]):
+        while j + 1 < n and _adjacent(dst[j], dst[j + 1]) and _adjacent(src[j], src[j + 1]):
             j += 1
         if j == i:
             out_d.append(dst[i])
             out_s.append(src[i])
         else:
             numel = sum(t.numel() for t in dst[i : j + 1])
-            out_d.append(view(dst[i], numel))
-            out_s.append(view(src[i], numel))
+            out_d.append(_flat_view(dst[i], numel))
+            out_s.append(_flat_view(src[i], numel))
         i = j + 1
     return out_d, out_s
 
@@ -207,23 +201,51 @@ def _pieces(dst: list[Tensor], src: list[Tensor], chunk: int) -> Iterator[tuple[
             yield d1[a : a + chunk], s1[a : a + chunk]
 
 
+def _flat_view(first: Tensor, numel: int) -> Tensor:
+    """A 1-d view of ``numel`` elements of ``first``'s storage, starting where ``first`` does."""
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (numel,))
+
+
+def _adjacent(a: Tensor, b: Tensor) -> bool:
+    return (
+        a.is_contiguous()
+        and b.is_contiguous()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() + a.numel() == b.storage_offset()
+    )
+
+
 @dataclass
 class _Group:
-    """Pairs of one (target device, dtype, source device, dtype)."""
+    """The pairs of one (target device, dtype, source device, dtype), and how to update them.
 
-    dst: list[Tensor]
-    src: list[Tensor]
-    # Staging plan, for groups whose two sides differ in dtype or device:
-    # (destination pieces, source pieces, scratch views) per chunk.
+    * ``dst``/``src``: pairs updated by one multi-tensor kernel (same dtype and device);
+    * ``staged``: per chunk, (target pieces, source pieces, scratch views): the source is
+      copied into a bounded scratch of the target's dtype and device, then lerped;
+    * ``gathered``: per chunk, (target run as one 1-d view, 1-d source views, source-dtype
+      scratch, target-dtype scratch or None): small source tensors are concatenated into
+      the scratch by one ``cat`` and the run is updated by one ``lerp_``. On the CPU, where a
+      multi-tensor kernel still costs one dispatch per tensor, this is faster for tensors of
+      a few thousand elements; and across devices it moves one chunk instead of many tensors.
+    """
+
+    dst: list[Tensor] = field(default_factory=list)
+    src: list[Tensor] = field(default_factory=list)
     staged: list[tuple[list[Tensor], list[Tensor], list[Tensor]]] = field(default_factory=list)
+    gathered: list[tuple[Tensor, list[Tensor], Tensor, Tensor | None]] = field(default_factory=list)
 
     def lerp_(self, weight: Weight) -> None:
-        if not self.staged:
+        if self.dst:
             _lerp(self.dst, self.src, weight)
-            return
         for dst, src, scratch in self.staged:
             torch._foreach_copy_(scratch, src)
             _lerp(dst, scratch, weight)
+        for run, srcs, gathered, converted in self.gathered:
+            torch.cat(srcs, out=gathered)
+            if converted is not None:
+                converted.copy_(gathered)
+                gathered = converted
+            run.lerp_(gathered, weight)
 
     def copy_(self) -> None:
         torch._foreach_copy_(self.dst, self.src)
@@ -238,33 +260,89 @@ def _lerp(dst: list[Tensor], src: list[Tensor], weight: Weight) -> None:
         torch._foreach_lerp_(dst, src, weight)
 
 
-def _build_groups(pairs: list[tuple[Tensor, Tensor]], *, stage: bool) -> list[_Group]:
+def _chunks(sizes: list[int], limit: int) -> Iterator[tuple[int, int]]:
+    """Split consecutive items into [start, stop) ranges of at most ``limit`` elements (an item
+    larger than ``limit`` stands alone)."""
+    start, used = 0, 0
+    for i, n in enumerate(sizes):
+        if used and used + n > limit:
+            yield start, i
+            start, used = i, 0
+        used += n
+    if start < len(sizes):
+        yield start, len(sizes)
+
+
+def _plan_average(dst: list[Tensor], src: list[Tensor], *, mismatch: bool) -> _Group:
+    group = _Group()
+    ddev, ddt = dst[0].device, dst[0].dtype
+    sdev, sdt = src[0].device, src[0].dtype
+    gather = mismatch or ddev.type == "cpu"
+
+    def small(i: int) -> bool:
+        return dst[i].numel() <= GATHER_MAX_NUMEL and dst[i].is_contiguous() and src[i].is_contiguous()
+
+    runs: list[tuple[int, int]] = []  # gathered runs of pair indices
+    rest: list[int] = []
+    i, n = 0, len(dst)
+    while i < n:
+        j = i
+        if gather and small(i):
+            while j + 1 < n and small(j + 1) and _adjacent(dst[j], dst[j + 1]):
+                j += 1
+        if j > i:
+            runs.append((i, j + 1))
+        else:
+            rest.append(i)
+        i = j + 1
+
+    batches = []
+    for a, b in runs:
+        for c, d in _chunks([dst[k].numel() for k in range(a, b)], STAGING_CHUNK):
+            batches.append((a + c, a + d))
+    if batches:
+        size = max(sum(dst[k].numel() for k in range(c, d)) for c, d in batches)
+        scratch = torch.empty(size, device=sdev, dtype=sdt)
+        converted = torch.empty(size, device=ddev, dtype=ddt) if mismatch else None
+        for c, d in batches:
+            numel = sum(dst[k].numel() for k in range(c, d))
+            group.gathered.append(
+                (
+                    _flat_view(dst[c], numel),
+                    [src[k].view(-1) for k in range(c, d)],
+                    scratch[:numel],
+                    None if converted is None else converted[:numel],
+                )
+            )
+
+    if not mismatch:
+        group.dst = [dst[k] for k in rest]
+        group.src = [src[k] for k in rest]
+        return group
+    pieces = list(_pieces([dst[k] for k in rest], [src[k] for k in rest], STAGING_CHUNK))
+    if pieces:
+        sizes = [d.numel() for d, _ in pieces]
+        scratch = torch.empty(max(max(sizes), min(STAGING_CHUNK, sum(sizes))), device=ddev, dtype=ddt)
+        for c, d in _chunks(sizes, scratch.numel()):
+            views, used = [], 0
+            for k in range(c, d):
+                views.append(scratch[used : used + sizes[k]].view(pieces[k][0].shape))
+                used += sizes[k]
+            group.staged.append(([p[0] for p in pieces[c:d]], [p[1] for p in pieces[c:d]], views))
+    return group
+
+
+def _build_groups(pairs: list[tuple[Tensor, Tensor]], *, average: bool) -> list[_Group]:
     by_key: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
     for d, s in pairs:
         by_key.setdefault((d.device, d.dtype, s.device, s.dtype), []).append((d, s))
     groups = []
     for (ddev, ddt, sdev, sdt), members in by_key.items():
         dst, src = _coalesce([d for d, _ in members], [s for _, s in members])
-        group = _Group(dst, src)
-        if stage and (ddev != sdev or ddt != sdt):
-            chunk = STAGING_CHUNK
-            pieces = list(_pieces(dst, src, chunk))
-            size = max([chunk] + [d.numel() for d, _ in pieces])
-            scratch = torch.empty(min(size, sum(d.numel() for d, _ in pieces)), device=ddev, dtype=ddt)
-            batch: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
-            used = 0
-            for d, s in pieces:
-                n = d.numel()
-                if used + n > scratch.numel() and batch[0]:
-                    group.staged.append(batch)
-                    batch, used = ([], [], []), 0
-                batch[0].append(d)
-                batch[1].append(s)
-                batch[2].append(scratch[used : used + n].view(d.shape))
-                used += n
-            if batch[0]:
-                group.staged.append(batch)
-        groups.append(group)
+        if average:
+            groups.append(_plan_average(dst, src, mismatch=ddev != sdev or ddt != sdt))
+        else:
+            groups.append(_Group(dst, src))
     return groups
 
 
@@ -272,14 +350,45 @@ def _build_groups(pairs: list[tuple[Tensor, Tensor]], *, stage: bool) -> list[_G
 # The binding of the target to one source module.
 
 
+class _Fingerprint:
+    """What a module's tensor lists depend on, checked with two C-level passes per call.
+
+    ``Module._apply`` (``.to()``, ``.cuda()``, ``.half()``) keeps each Parameter object but
+    gives it new data, module by module, and replaces buffer objects. So the data pointer of
+    the first parameter of every module that owns parameters, and the identity of every
+    buffer, tell whether the resolved lists still hold.
+    """
+
+    def __init__(self, state: dict[str, StateEntry]) -> None:
+        first: dict[int, Tensor] = {}
+        for e in state.values():
+            if not e.is_buffer:
+                first.setdefault(id(e.owner), e.tensor)
+        self.params = tuple(first.values())
+        self.ptrs = tuple(map(_data_ptr, self.params))
+        buffers = [e for e in state.values() if e.is_buffer]
+        self.owners = [e.owner for e in buffers]
+        self.keys = [e.key for e in buffers]
+        self.buffers = [e.tensor for e in buffers]
+        self.epoch = _EPOCH[0]
+
+    def holds(self) -> bool:
+        return (
+            self.epoch == _EPOCH[0]
+            and tuple(map(_data_ptr, self.params)) == self.ptrs
+            and all(map(_is, map(_getitem, self.owners, self.keys), self.buffers))
+        )
+
+
+#: Bumped by :func:`flatten_parameters`, which moves parameters' data without ``_apply``.
+_EPOCH = [0]
+
+
 @dataclass
 class _Binding:
     source: weakref.ref
-    params: tuple[Tensor, ...]  # source Parameter objects, for the fingerprint
-    param_ptrs: tuple[int, ...]
-    buffer_owners: list[dict]
-    buffer_keys: list[str]
-    buffers: list[Tensor]  # source buffer objects at bind time
+    source_print: _Fingerprint
+    target_print: _Fingerprint
     names: list[str]  # canonical names, target order
     kinds: list[str]  # "avg" | "copy" per name
     dst: list[Tensor]  # target tensors (detached), target order
@@ -288,9 +397,7 @@ class _Binding:
     plans: dict[str, list[_Group]] = field(default_factory=dict)
 
     def fresh(self) -> bool:
-        if tuple(map(_data_ptr, self.params)) != self.param_ptrs:
-            return False
-        return all(map(_is, map(_getitem, self.buffer_owners, self.buffer_keys), self.buffers))
+        return self.source_print.holds() and self.target_print.holds()
 
     def plan(self, subset: str) -> list[_Group]:
         plan = self.plans.get(subset)
@@ -303,7 +410,7 @@ class _Binding:
             }[subset]
             idx = [i for i in range(len(self.dst)) if select(i)]
             pairs = [(self.dst[i], self.src[i]) for i in idx]
-            plan = _build_groups(pairs, stage=subset == "avg")
+            plan = _build_groups(pairs, average=subset == "avg")
             self.plans[subset] = plan
         return plan
 
@@ -321,6 +428,7 @@ class AveragingEngine:
         self.target = target
         self.update_buffers = bool(update_buffers)
         self._target_state: dict[str, StateEntry] | None = None
+        self._target_print: _Fingerprint | None = None
         self._bindings: dict[int, _Binding] = {}
 
     # -- resolution ---------------------------------------------------------------------
@@ -328,14 +436,18 @@ class AveragingEngine:
     def invalidate(self) -> None:
         """Forget every resolved tensor list (call after the target's tensors were replaced)."""
         self._target_state = None
+        self._target_print = None
         self._bindings.clear()
 
     def target_state(self) -> dict[str, StateEntry]:
+        if self._target_print is not None and not self._target_print.holds():
+            self.invalidate()
         if self._target_state is None:
             state = named_state(self.target)
             if not state:
                 raise ValueError("the averaged model has no parameters or buffers: nothing to average")
             self._target_state = state
+            self._target_print = _Fingerprint(state)
         return self._target_state
 
     def kind(self, entry: StateEntry) -> str:
@@ -389,15 +501,10 @@ class AveragingEngine:
             dst.append(e.tensor.detach())
             srcs.append(s.detach())
             is_buf.append(e.is_buffer)
-        params = tuple(e.tensor for e in src.values() if not e.is_buffer)
-        bufs = [e for e in src.values() if e.is_buffer]
         return _Binding(
             source=weakref.ref(source),
-            params=params,
-            param_ptrs=tuple(map(_data_ptr, params)),
-            buffer_owners=[e.owner for e in bufs],
-            buffer_keys=[e.key for e in bufs],
-            buffers=[e.tensor for e in bufs],
+            source_print=_Fingerprint(src),
+            target_print=_Fingerprint(tgt),
             names=names,
             kinds=kinds,
             dst=dst,

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from .engine import AveragingEngine, Weight, unwrap_model
+from .engine import AveragingEngine, Weight, flatten_parameters, unwrap_model
 from .schedules import (
     ConstantMomentum,
     CosineMomentum,
@@ -82,7 +82,10 @@ def copy_module(model: nn.Module, *, device: torch.device | None, dtype: torch.d
             continue
         new = t.detach().to(device=device or t.device, dtype=_average_dtype(t, dtype), copy=True)
         memo[id(t)] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
-    return copy.deepcopy(model, memo).requires_grad_(False)
+    clone = copy.deepcopy(model, memo).requires_grad_(False)
+    # One buffer per (device, dtype): a model laid out the same way is then averaged by a
+    # single lerp_ per group (see flatten_parameters).
+    return flatten_parameters(clone)
 
 
 def _check_interval(interval: object) -> int:
