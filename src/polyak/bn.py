@@ -56,7 +56,7 @@ def update_bn(
 
     where :math:`\\mu_i, \\sigma^2_i` are the batch statistics of batch :math:`i`. Needed
     after SWA, whose averaged weights never produced the statistics they are evaluated with.
-    Each BatchNorm's ``momentum`` and the model's train/eval mode are restored afterwards,
+    Each BatchNorm's ``momentum`` and every submodule's train/eval mode are restored afterwards,
     also when a batch raises.
 
     Args:
@@ -73,7 +73,7 @@ def update_bn(
         return
     call = call_fn or _default_call
     saved = [(m, m.momentum) for m in bns]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     # Snapshot the statistics so that a failing batch leaves them as they were.
     stats = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
     try:
@@ -92,4 +92,5 @@ def update_bn(
     finally:
         for m, momentum in saved:
             m.momentum = momentum
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from .engine import AveragingEngine, Weight, flatten_parameters, unwrap_model
+from .engine import AveragingEngine, StateEntry, Weight, flatten_tensors_, named_state, unwrap_model
 from .schedules import (
     ConstantMomentum,
     CosineMomentum,
@@ -62,30 +62,36 @@ def _average_dtype(t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return torch.float32 if t.dtype in _LOW_PRECISION or t.element_size() < 2 else t.dtype
 
 
-def _holds(wide: torch.dtype, narrow: torch.dtype) -> bool:
-    """Whether every value of ``narrow`` is exactly representable in ``wide``."""
-    if wide == narrow:
-        return True
-    if wide == torch.float64:
-        return narrow.is_floating_point
-    if wide == torch.float32:
-        return narrow in _LOW_PRECISION
-    return wide == torch.complex128 and narrow == torch.complex64
-
-
-def copy_module(model: nn.Module, *, device: torch.device | None, dtype: torch.dtype | None) -> nn.Module:
+def copy_module(
+    model: nn.Module,
+    *,
+    device: torch.device | None,
+    dtype: torch.dtype | None,
+    share: frozenset[int] = frozenset(),
+) -> nn.Module:
     """A deep copy of ``model`` with ``requires_grad`` off, each tensor created directly on
-    ``device`` and in its average dtype (no transient copy on the model's device)."""
+    ``device`` and in its average dtype (no transient copy on the model's device). Tensors
+    whose ``id`` is in ``share`` are not copied: the copy refers to the model's own."""
     memo: dict[int, Any] = {}
+    new_params = []
     for t in itertools.chain(model.parameters(), model.buffers()):
         if id(t) in memo:
             continue
+        if id(t) in share:
+            memo[id(t)] = t
+            continue
         new = t.detach().to(device=device or t.device, dtype=_average_dtype(t, dtype), copy=True)
-        memo[id(t)] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
-    clone = copy.deepcopy(model, memo).requires_grad_(False)
+        if isinstance(t, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=False)
+            new_params.append(new)
+        memo[id(t)] = new
+    clone = copy.deepcopy(model, memo)
+    for p in new_params:
+        p.requires_grad_(False)
     # One buffer per (device, dtype): a model laid out the same way is then averaged by a
     # single lerp_ per group (see flatten_parameters).
-    return flatten_parameters(clone)
+    flatten_tensors_(new_params)
+    return clone
 
 
 def _check_interval(interval: object) -> int:
@@ -153,11 +159,27 @@ class BaseAveragedModel(nn.Module):
         self.interval = _check_interval(interval)
         self.update_buffers = bool(update_buffers)
         self.compensate_interval = bool(compensate_interval)
-        self.module = copy_module(unwrap_model(model), device=torch.device(device) if device else None, dtype=dtype)
+        source = unwrap_model(model)
+        state = named_state(source)
+        self._kinds = self._select(source, state)
+        shared = frozenset(id(state[n].tensor) for n, k in self._kinds.items() if k == "skip")
+        self._skipped = tuple(state[n].path for n, k in self._kinds.items() if k == "skip")
+        self.module = copy_module(source, device=torch.device(device) if device else None, dtype=dtype, share=shared)
         self._steps = 0
         self._swapped = False
-        self._engine = AveragingEngine(self.module, update_buffers=self.update_buffers)
+        self._last_momentum: float | None = None
+        self._engine = self._make_engine()
         self._engine.target_state()  # nothing to average is an error now, not at the first update
+        self._register_state_dict_hook(_drop_skipped)
+
+    def _select(self, source: nn.Module, state: dict[str, StateEntry]) -> dict[str, str]:
+        """Per canonical name, ``"avg"``, ``"copy"`` or ``"skip"`` where the default rule
+        (average floating parameters, and floating buffers if ``update_buffers``) does not
+        apply. ``"skip"`` tensors are shared with the model, never copied or saved."""
+        return {}
+
+    def _make_engine(self) -> AveragingEngine:
+        return AveragingEngine(self.module, update_buffers=self.update_buffers, kinds=self._kinds)
 
     # -- the rule ----------------------------------------------------------------------
 
@@ -213,14 +235,29 @@ class BaseAveragedModel(nn.Module):
         steps = self._steps
         if steps == 0:
             self._engine.copy_(model, "all")
+            self._last_momentum = 1.0
         elif steps % self.interval == 0:
             if self._has_avg_func():
                 self._avg_func_update(model, steps)
+                self._last_momentum = None
             else:
-                self._engine.average_(model, self.momentum_at(steps))
+                momentum = self.momentum_at(steps)
+                self._engine.average_(model, momentum)
+                self._last_momentum = momentum
         else:
             self._engine.copy_(model, "copy")
         self._steps = steps + 1
+
+    @property
+    def current_momentum(self) -> float | None:
+        """The weight of the model in the latest averaging update (1.0 for the initial copy;
+        ``None`` before any update, or when a custom ``avg_func`` made it): for logging."""
+        return self._last_momentum
+
+    @property
+    def current_decay(self) -> float | None:
+        """``1 - current_momentum``: the decay of the latest averaging update, for logging."""
+        return None if self._last_momentum is None else 1.0 - self._last_momentum
 
     def average_(self, model: nn.Module, weight: Weight) -> None:
         """One averaging update with an explicit ``weight`` (a float or a 0-d tensor on the
@@ -255,10 +292,12 @@ class BaseAveragedModel(nn.Module):
 
         The averaged tensors are cast to the model's dtype and written into its own
         parameters, so compiled and wrapped models see them; the live weights come back when
-        the block ends, also when it raises. Exchanging needs one tensor of extra memory
-        when the average's dtype holds the model's exactly (fp32 for a bf16 model), and a
-        copy of the live weights otherwise. Raises :class:`RuntimeError` before the first
-        update, when the average is still the construction-time copy.
+        the block ends, also when it raises. When the average and the model have the same
+        dtype the two are exchanged in place, one tensor at a time (one tensor of extra
+        memory); otherwise (an fp32 average of a bf16 model) the live weights are backed up
+        in their own dtype (a copy of the model's parameters) and the average is untouched.
+        Raises :class:`RuntimeError` before the first update, when the average is still the
+        construction-time copy.
 
         >>> # with ema.swapped(model):
         >>> #     evaluate(model)
@@ -270,7 +309,7 @@ class BaseAveragedModel(nn.Module):
                 "before swapping the average in"
             )
         pairs = [(a, b) for _, kind, a, b in self._engine.pairs(model) if kind == "avg"]
-        exact = all(_holds(a.dtype, b.dtype) for a, b in pairs)
+        exact = all(a.dtype == b.dtype for a, b in pairs)
         backup = None
         with torch.no_grad():
             if exact:
@@ -279,7 +318,7 @@ class BaseAveragedModel(nn.Module):
                 backup = [b.clone() for _, b in pairs]
                 for a, b in pairs:
                     b.copy_(a)
-        self._swapped = exact
+        self._swapped = True
         try:
             yield model
         finally:
@@ -301,21 +340,28 @@ class BaseAveragedModel(nn.Module):
 
     # -- state --------------------------------------------------------------------------
 
-    def _extra_counters(self) -> dict[str, int]:
-        return {}
+    def _counters(self) -> dict[str, int]:
+        """The integers saved beside the weights (as int64 CPU tensors)."""
+        return {"steps": self._steps}
 
-    def _set_extra_counters(self, counters: Mapping[str, int]) -> None:
-        pass
+    def _counter_keys(self) -> tuple[str, ...]:
+        """Every counter key :meth:`load_state_dict` reads."""
+        return ("steps",)
+
+    def _read_counters(self, values: Mapping[str, int]) -> None:
+        if "steps" not in values:
+            warnings.warn(
+                f"{type(self).__name__}: the state dict has no 'steps'; starting from 0, so the next "
+                "update re-initialises the average from the model",
+                stacklevel=3,
+            )
+        self._steps = values.get("steps", 0)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         self._check_not_swapped("state_dict")
-        destination[prefix + "steps"] = torch.tensor(self._steps, dtype=torch.long)
-        for k, v in self._extra_counters().items():
+        for k, v in self._counters().items():
             destination[prefix + k] = torch.tensor(v, dtype=torch.long)
         super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _counter_keys(self) -> tuple[str, ...]:
-        return ("steps", *self._extra_counters())
 
     def _normalise_keys(self, state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
         """Add the ``module.`` prefix to keys saved without it (OpenMMLab 1.0 layout)."""
@@ -343,10 +389,12 @@ class BaseAveragedModel(nn.Module):
             raise ValueError("assign=True is not supported: the average keeps its own tensors, dtype and device")
         self._check_not_swapped("load_state_dict")
         sd = self._normalise_keys(state_dict, "")
+        for path in self._skipped:
+            sd.pop("module." + path, None)
         own = self.state_dict(keep_vars=True)
         counters = self._counter_keys()
         missing = [k for k in own if k not in sd and k not in counters]
-        unexpected = [k for k in sd if k not in own]
+        unexpected = [k for k in sd if k not in own and k not in counters]
         errors = []
         if strict and (missing or unexpected):
             if missing:
@@ -354,12 +402,12 @@ class BaseAveragedModel(nn.Module):
             if unexpected:
                 errors.append(f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
         for k, v in sd.items():
-            if k not in own:
+            if k not in own and k not in counters:
                 continue
             if not isinstance(v, Tensor):
                 errors.append(f"{k!r} is a {type(v).__name__}, not a tensor")
             elif k in counters:
-                if v.numel() != 1 or v.is_floating_point():
+                if v.numel() != 1 or v.is_floating_point() or v.is_complex():
                     errors.append(f"{k!r} must be a single integer, got {v.dtype} of shape {tuple(v.shape)}")
             elif v.shape != own[k].shape:
                 errors.append(f"{k!r} has shape {tuple(v.shape)} in the file but {tuple(own[k].shape)} in the average")
@@ -367,18 +415,11 @@ class BaseAveragedModel(nn.Module):
                 errors.append(f"{k!r} is {v.dtype} in the file but {own[k].dtype} in the average")
         if errors:
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(errors))
-        if "steps" not in sd:
-            warnings.warn(
-                f"{type(self).__name__}: the state dict has no 'steps'; starting from 0, so the next "
-                "update re-initialises the average from the model",
-                stacklevel=2,
-            )
         with torch.no_grad():
             for k, v in sd.items():
                 if k in own and k not in counters:
                     own[k].copy_(v)
-        self._steps = int(sd["steps"]) if "steps" in sd else 0
-        self._set_extra_counters({k: int(sd[k]) for k in counters if k != "steps" and k in sd})
+        self._read_counters({k: int(sd[k]) for k in counters if k in sd})
         return _IncompatibleKeys(missing, unexpected)
 
     def _load_from_state_dict(
@@ -397,10 +438,7 @@ class BaseAveragedModel(nn.Module):
         state_dict.clear()
         state_dict.update(normalised)
         counters = self._counter_keys()
-        values = {k: state_dict.pop(prefix + k) for k in counters if prefix + k in state_dict}
-        if "steps" in values:
-            self._steps = int(values.pop("steps"))
-        self._set_extra_counters({k: int(v) for k, v in values.items()})
+        self._read_counters({k: int(state_dict.pop(prefix + k)) for k in counters if prefix + k in state_dict})
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -417,11 +455,16 @@ class BaseAveragedModel(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._engine = AveragingEngine(self.module, update_buffers=self.update_buffers)
+        self._engine = self._make_engine()
 
     def extra_repr(self) -> str:
         rule = "avg_func" if self._has_avg_func() else repr(self.schedule)
         return f"steps={self._steps}, interval={self.interval}, rule={rule}"
+
+
+def _drop_skipped(module: BaseAveragedModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for path in module._skipped:
+        state_dict.pop(prefix + "module." + path, None)
 
 
 class ExponentialMovingAverage(BaseAveragedModel):
@@ -590,12 +633,18 @@ class RampUpEMA(BaseAveragedModel):
             return
         super().update_parameters(model)
 
-    def _extra_counters(self) -> dict[str, int]:
-        return {"start_calls": self._start_calls} if self.start_iter else {}
+    def _counters(self) -> dict[str, int]:
+        counters = super()._counters()
+        if self.start_iter:
+            counters["start_calls"] = self._start_calls
+        return counters
 
-    def _set_extra_counters(self, counters: Mapping[str, int]) -> None:
-        if "start_calls" in counters:
-            self._start_calls = counters["start_calls"]
+    def _counter_keys(self) -> tuple[str, ...]:
+        return ("steps", "start_calls")
+
+    def _read_counters(self, values: Mapping[str, int]) -> None:
+        super()._read_counters(values)
+        self._start_calls = values.get("start_calls", self.start_iter if self._steps else 0)
 
 
 class CosineEMA(ExponentialMovingAverage):
