@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import schedules
+from .averaged_model import AveragedModel
 from .bn import update_bn
 from .engine import AveragingEngine, canonical_name, flatten_parameters, unwrap_model
 from .models import (
@@ -13,6 +14,8 @@ from .models import (
     RampUpEMA,
     StochasticWeightAverage,
 )
+from .parameter_average import ParameterAverage
+from .rl import hard_update, soft_update
 
 __version__ = "0.1.0"
 
@@ -24,6 +27,12 @@ __all__ = [
     "StochasticWeightAverage",
     "RampUpEMA",
     "CosineEMA",
+    # the generic averaged model
+    "AveragedModel",
+    "ParameterAverage",
+    # reinforcement learning
+    "soft_update",
+    "hard_update",
     # tools
     "update_bn",
     "flatten_parameters",

@@ -29,7 +29,16 @@ __all__ = [
     "EqualAverage",
     "RampUpMomentum",
     "CosineMomentum",
+    "Warmup",
+    "NumUpdatesWarmup",
+    "ExpMomentum",
+    "MMCVWarmup",
+    "PowerFunction",
+    "StartAt",
     "interval_momentum",
+    "resolve_decay",
+    "gamma_to_sigma_rel",
+    "sigma_rel_to_gamma",
 ]
 
 
@@ -72,6 +81,11 @@ class Schedule:
     def __call__(self, step: int) -> float:
         return self.momentum(step)
 
+    def update_momentum(self, step: int, interval: int = 1, *, compensate: bool = True) -> float:
+        """The momentum of an averaging update at ``step`` that stands for ``interval`` steps
+        (see :func:`interval_momentum`)."""
+        return _compensated(self.momentum, step, interval, compensate)
+
     def _args(self) -> dict[str, object]:
         return {}
 
@@ -91,14 +105,30 @@ class ConstantMomentum(Schedule):
 
     .. math:: m(t) = m
 
-    where :math:`m` is ``momentum``, in :math:`(0, 1]`.
+    where :math:`m` is ``momentum``, in :math:`(0, 1]`, or :math:`1 - \beta` given
+    ``decay`` :math:`\beta`, or given ``half_life`` (see :func:`resolve_decay`).
 
     >>> ConstantMomentum(0.0002)(0), ConstantMomentum(0.0002).decay(10)
     (0.0002, 0.9998)
+    >>> round(ConstantMomentum(decay=0.999)(0), 6), round(ConstantMomentum(half_life=693.147).decay(0), 6)
+    (0.001, 0.999)
     """
 
-    def __init__(self, momentum: float) -> None:
-        self.value = _check_float("momentum", momentum, 0.0, 1.0, open_low=True, open_high=False)
+    def __init__(
+        self,
+        momentum: float | None = None,
+        *,
+        decay: float | None = None,
+        half_life: float | None = None,
+        half_life_unit: str = "updates",
+        batch_size: int | None = None,
+    ) -> None:
+        beta = resolve_decay(
+            momentum=momentum, decay=decay, half_life=half_life, half_life_unit=half_life_unit, batch_size=batch_size
+        )
+        self.value = momentum if momentum is not None else 1.0 - beta
+        if not 0.0 < self.value <= 1.0:
+            raise ValueError(f"the momentum 1 - decay must be in (0, 1], got {self.value!r}")
 
     def momentum(self, step: int) -> float:
         return self.value
@@ -150,6 +180,9 @@ class EqualAverage(Schedule):
     def momentum(self, step: int) -> float:
         return 1.0 / (step + 1)
 
+    def update_momentum(self, step: int, interval: int = 1, *, compensate: bool = True) -> float:
+        return self.momentum(step // interval)
+
 
 class RampUpMomentum(Schedule):
     """StyleGAN's half-life in images with a ramp-up (mmagic ``RampUpEMA.rampup``).
@@ -166,8 +199,8 @@ class RampUpMomentum(Schedule):
     which the decay is :math:`0.5^{32/10000} \\approx 0.99778`.
 
     >>> s = RampUpMomentum(ema_kimg=10, ema_rampup=0.05, batch_size=32)
-    >>> round(s.decay(0), 6), round(s.decay(10**6), 6)
-    (0.0, 0.997784)
+    >>> f"{s.decay(0):.3g}", round(s.decay(10**6), 6)
+    ('9.54e-07', 0.997784)
     """
 
     def __init__(
@@ -238,6 +271,355 @@ class CosineMomentum(Schedule):
         return {"momentum": self.start, "end_momentum": self.end, "max_steps": self.max_steps}
 
 
+def resolve_decay(
+    *,
+    decay: float | None = None,
+    half_life: float | None = None,
+    half_life_unit: str = "updates",
+    batch_size: int | None = None,
+    momentum: float | None = None,
+    default: float | None = None,
+) -> float:
+    """One decay :math:`\\beta` from exactly one of ``momentum``, ``decay`` or ``half_life``.
+
+    .. math:: \\beta = 1 - m, \\qquad \\beta = 0.5^{1/h} \\;(\\text{updates}), \\qquad
+              \\beta = 0.5^{b/h} \\;(\\text{samples})
+
+    where :math:`h` is ``half_life`` and :math:`b` is ``batch_size`` (required when
+    ``half_life_unit='samples'``): after :math:`h` updates (or samples) a value's weight in
+    the average has halved. ``default`` is used when none is given.
+
+    >>> resolve_decay(half_life=693.147)  # doctest: +ELLIPSIS
+    0.99900...
+    >>> resolve_decay(half_life=32_000, half_life_unit="samples", batch_size=32)  # doctest: +ELLIPSIS
+    0.99930...
+    """
+    given = [k for k, v in (("momentum", momentum), ("decay", decay), ("half_life", half_life)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give only one of momentum, decay and half_life, got {' and '.join(given)}")
+    if half_life_unit not in ("updates", "samples"):
+        raise ValueError(f"half_life_unit must be 'updates' or 'samples', got {half_life_unit!r}")
+    if momentum is not None:
+        return 1.0 - _check_float("momentum", momentum, 0.0, 1.0, open_low=True, open_high=False)
+    if decay is not None:
+        return _check_float("decay", decay, 0.0, 1.0, open_low=False, open_high=True)
+    if half_life is not None:
+        h = _check_float("half_life", half_life, 0.0, math.inf, open_low=True, open_high=True)
+        if half_life_unit == "samples":
+            if batch_size is None:
+                raise ValueError("half_life_unit='samples' needs batch_size= (samples per update)")
+            return 0.5 ** (_check_int("batch_size", batch_size, 1) / h)
+        return 0.5 ** (1.0 / h)
+    if default is None:
+        raise ValueError("give one of momentum, decay and half_life")
+    return default
+
+
+class Warmup(Schedule):
+    """A decay that warms up as an inverse power of the step (timm, diffusers, ema-pytorch).
+
+    .. math::
+
+        s &= t - t_0 \\\\
+        \\beta(t) &= \\begin{cases}
+            0 & s \\le 0 \\text{ (copy)} \\\\
+            \\max\\left(\\beta_{\\min}, \\min\\left(\\beta_{\\max},
+                1 - (1 + s/\\gamma)^{-p}\\right)\\right) & \\text{warm-up on} \\\\
+            \\beta_{\\max} & \\text{warm-up off}
+        \\end{cases}
+
+    where :math:`t_0` is ``update_after_step``, :math:`\\gamma` is ``inv_gamma``, :math:`p`
+    is ``power``, :math:`\\beta_{\\max}` is ``decay`` (or from ``half_life``) and
+    :math:`\\beta_{\\min}` is ``min_decay``. With :math:`t` the averaged model's ``steps``
+    this reproduces timm ``ModelEmaV3.get_decay(step=t+1)``, diffusers ``EMAModel`` with
+    ``use_ema_warmup=True`` and ema-pytorch ``EMA``. :math:`p = 2/3` reaches 0.999 at 31.6k
+    steps and 0.9999 at 1M (good for long runs); :math:`p = 3/4` reaches 0.999 at 10k and
+    0.9999 at 215k. ``warmup=False`` really turns the warm-up off (diffusers' switch falls
+    back to :class:`NumUpdatesWarmup` instead).
+
+    >>> s = Warmup(0.9999)
+    >>> s.decay(0), round(s.decay(1), 4), round(s.decay(31_623), 4), s.decay(10**9)
+    (0.0, 0.37, 0.999, 0.9999)
+    """
+
+    def __init__(
+        self,
+        decay: float | None = None,
+        *,
+        half_life: float | None = None,
+        half_life_unit: str = "updates",
+        batch_size: int | None = None,
+        inv_gamma: float = 1.0,
+        power: float = 2 / 3,
+        min_decay: float = 0.0,
+        update_after_step: int = 0,
+        warmup: bool = True,
+    ) -> None:
+        self.max_decay = resolve_decay(
+            decay=decay, half_life=half_life, half_life_unit=half_life_unit, batch_size=batch_size, default=0.9999
+        )
+        self.inv_gamma = _check_float("inv_gamma", inv_gamma, 0.0, math.inf, open_low=True, open_high=True)
+        self.power = _check_float("power", power, 0.0, math.inf, open_low=True, open_high=True)
+        self.min_decay = _check_float("min_decay", min_decay, 0.0, self.max_decay, open_low=False, open_high=False)
+        self.update_after_step = _check_int("update_after_step", update_after_step, 0)
+        self.warmup = bool(warmup)
+
+    def momentum(self, step: int) -> float:
+        return 1.0 - self.decay(step)
+
+    def decay(self, step: int) -> float:
+        s = step - self.update_after_step
+        if s <= 0:
+            return 0.0
+        if not self.warmup:
+            return self.max_decay
+        value = 1.0 - (1.0 + s / self.inv_gamma) ** -self.power
+        return max(self.min_decay, min(self.max_decay, value))
+
+    def _args(self) -> dict[str, object]:
+        return {
+            "decay": self.max_decay,
+            "inv_gamma": self.inv_gamma,
+            "power": self.power,
+            "min_decay": self.min_decay,
+            "update_after_step": self.update_after_step,
+            "warmup": self.warmup,
+        }
+
+
+class NumUpdatesWarmup(Schedule):
+    """TensorFlow's ``num_updates`` warm-up (torch_ema, diffusers without ``use_ema_warmup``).
+
+    .. math:: \\beta(t) = \\min\\left(\\beta_{\\max}, \\frac{1 + t}{10 + t}\\right)
+
+    where :math:`\\beta_{\\max}` is ``decay`` and :math:`t` is ``steps`` (torch_ema's
+    ``num_updates`` after its increment). :math:`\\beta` reaches 0.999 at :math:`t \\approx
+    8{,}990`.
+
+    >>> s = NumUpdatesWarmup(0.999)
+    >>> round(s.decay(1), 6), round(s.decay(100), 6), s.decay(10**6)
+    (0.181818, 0.918182, 0.999)
+    """
+
+    def __init__(
+        self,
+        decay: float | None = None,
+        *,
+        half_life: float | None = None,
+        half_life_unit: str = "updates",
+        batch_size: int | None = None,
+    ) -> None:
+        self.max_decay = resolve_decay(
+            decay=decay, half_life=half_life, half_life_unit=half_life_unit, batch_size=batch_size, default=0.9999
+        )
+
+    def momentum(self, step: int) -> float:
+        return 1.0 - self.decay(step)
+
+    def decay(self, step: int) -> float:
+        return min(self.max_decay, (1.0 + step) / (10.0 + step))
+
+    def _args(self) -> dict[str, object]:
+        return {"decay": self.max_decay}
+
+
+class ExpMomentum(Schedule):
+    """A momentum that decays exponentially to a floor (mmdet ``ExpMomentumEMA``, YOLOX).
+
+    .. math:: m(t) = (1 - m)\\,e^{-(1 + t)/\\gamma} + m
+
+    where :math:`m` is ``momentum`` and :math:`\\gamma` is ``gamma``.
+
+    >>> s = ExpMomentum(0.0002, gamma=2000)
+    >>> round(s(0), 6), round(s(20_000), 6)
+    (0.9995, 0.000245)
+    """
+
+    def __init__(self, momentum: float = 0.0002, gamma: float = 2000) -> None:
+        self.floor = _check_float("momentum", momentum, 0.0, 1.0, open_low=True, open_high=True)
+        self.gamma = _check_float("gamma", gamma, 0.0, math.inf, open_low=True, open_high=True)
+
+    def momentum(self, step: int) -> float:
+        return (1.0 - self.floor) * math.exp(-(1.0 + step) / self.gamma) + self.floor
+
+    def _args(self) -> dict[str, object]:
+        return {"momentum": self.floor, "gamma": self.gamma}
+
+
+class MMCVWarmup(Schedule):
+    """mmcv 1.x ``EMAHook``'s warm-up of the momentum.
+
+    .. math:: m(t) = \\min\\left(m, \\frac{1 + t}{w + t}\\right)
+
+    where :math:`m` is ``momentum``, :math:`w` is ``warm_up`` and :math:`t` is the runner's
+    0-based iteration. The second term is at least :math:`1/w`, so with mmcv's defaults
+    (2e-4, 100) it never binds (mmcv issue #901): kept for exact migration. mmcv's
+    ``momentum ** interval`` is not reproduced; polyak's interval compensation applies.
+
+    >>> MMCVWarmup(0.0002, warm_up=100)(0), MMCVWarmup(0.5, warm_up=100)(0)
+    (0.0002, 0.01)
+    """
+
+    def __init__(self, momentum: float = 0.0002, warm_up: int = 100) -> None:
+        self.value = _check_float("momentum", momentum, 0.0, 1.0, open_low=True, open_high=True)
+        self.warm_up = _check_int("warm_up", warm_up, 1)
+
+    def momentum(self, step: int) -> float:
+        return min(self.value, (1.0 + step) / (self.warm_up + step))
+
+    def _args(self) -> dict[str, object]:
+        return {"momentum": self.value, "warm_up": self.warm_up}
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """EDM2's relative standard deviation of a power-function EMA profile.
+
+    .. math:: \\sigma_{\\text{rel}} = \\sqrt{\\frac{\\gamma + 1}{(\\gamma + 2)^2 (\\gamma + 3)}}
+
+    >>> round(gamma_to_sigma_rel(6.94), 4)
+    0.1
+    """
+    g = _check_float("gamma", gamma, -1.0, math.inf, open_low=True, open_high=True)
+    return math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
+
+
+#: Where gamma_to_sigma_rel peaks (its log-derivative vanishes where g^2 + 3g + 1 = 0).
+_GAMMA_AT_SIGMA_MAX = (math.sqrt(5) - 3) / 2
+_SIGMA_REL_MAX = gamma_to_sigma_rel(_GAMMA_AT_SIGMA_MAX)
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent :math:`\\gamma` of the power-function EMA with relative width
+    ``sigma_rel``: the largest real root of
+
+    .. math:: \\gamma^3 + 7\\gamma^2 + (16 - \\sigma_{\\text{rel}}^{-2})\\gamma
+              + (12 - \\sigma_{\\text{rel}}^{-2}) = 0
+
+    (EDM2, Algorithm 2), found by bisection in float64 on :math:`\\gamma > -1`, where
+    :func:`gamma_to_sigma_rel` decreases monotonically. ``sigma_rel`` must be in
+    :math:`(0, 1/\\sqrt{12})`, the width at :math:`\\gamma \\to -1`... excluded.
+
+    >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 2)
+    (16.97, 6.94)
+    """
+    s = _check_float("sigma_rel", sigma_rel, 0.0, _SIGMA_REL_MAX, open_low=True, open_high=True)
+    t = s**-2
+
+    def cubic(g: float) -> float:
+        return ((g + 7) * g + 16 - t) * g + 12 - t
+
+    lo, hi = _GAMMA_AT_SIGMA_MAX, 1.0
+    while cubic(hi) < 0:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if cubic(mid) < 0:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+class PowerFunction(Schedule):
+    """EDM2's power-function EMA, whose profile keeps a fixed relative width at every step.
+
+    .. math:: \\beta(t) = \\left(1 - \\frac{1}{t + 1}\\right)^{\\gamma + 1}
+              = \\left(\\frac{t}{t + 1}\\right)^{\\gamma + 1}
+
+    where :math:`t` is ``steps`` and :math:`\\gamma` is ``gamma`` (or the exponent of
+    ``sigma_rel``, see :func:`sigma_rel_to_gamma`). After :math:`T` updates the average
+    weights the value of step :math:`\\tau` in proportion to :math:`\\tau^{\\gamma}`: its
+    width relative to :math:`T` is :math:`\\sigma_{\\text{rel}}`, whatever :math:`T`. With
+    ``interval`` :math:`k` the compensated update is
+    :math:`(1 - k/(t + 1))^{\\gamma + 1}`, EDM2's ``t_delta``. The first update
+    (:math:`t = 0`) copies.
+
+    >>> s = PowerFunction(sigma_rel=0.10)
+    >>> round(s.gamma, 2), s.decay(0), round(s.decay(1000), 4)
+    (6.94, 0.0, 0.9921)
+    """
+
+    def __init__(self, gamma: float | None = None, *, sigma_rel: float | None = None) -> None:
+        if (gamma is None) == (sigma_rel is None):
+            raise ValueError("give exactly one of gamma and sigma_rel")
+        if gamma is not None:
+            self.gamma = _check_float("gamma", gamma, -1.0, math.inf, open_low=True, open_high=True)
+        else:
+            self.gamma = sigma_rel_to_gamma(sigma_rel)  # type: ignore[arg-type]
+
+    @property
+    def sigma_rel(self) -> float:
+        return gamma_to_sigma_rel(self.gamma)
+
+    def momentum(self, step: int) -> float:
+        return 1.0 - self.decay(step)
+
+    def decay(self, step: int) -> float:
+        return (step / (step + 1.0)) ** (self.gamma + 1.0)
+
+    def _args(self) -> dict[str, object]:
+        return {"gamma": self.gamma}
+
+
+class StartAt(Schedule):
+    """Copy the model until ``start``, then follow ``schedule`` counted from there.
+
+    .. math:: m(t) = \\begin{cases} 1 & t < t_s \\text{ (copy)} \\\\
+                                    m_{\\text{inner}}(t - t_s) & t \\ge t_s \\end{cases}
+
+    where :math:`t_s` is ``start``: steps before it are not counted by the inner schedule.
+    ``start`` may be given as ``start_epoch`` with ``steps_per_epoch`` (Lightning's
+    ``swa_epoch_start``), or as ``start_fraction`` of ``total_steps``. An averaging update
+    whose interval reaches back before ``start`` copies.
+
+    >>> s = StartAt(EqualAverage(), start=100)
+    >>> s(99), s(100), s(101), s(103)
+    (1.0, 1.0, 0.5, 0.25)
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        start: int | None = None,
+        *,
+        start_epoch: int | None = None,
+        steps_per_epoch: int | None = None,
+        start_fraction: float | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"schedule must be a polyak Schedule, got {schedule!r}")
+        given = [
+            n
+            for n, v in (("start", start), ("start_epoch", start_epoch), ("start_fraction", start_fraction))
+            if v is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of start, start_epoch and start_fraction, got {given or 'none'}")
+        if start_epoch is not None:
+            if steps_per_epoch is None:
+                raise ValueError("start_epoch needs steps_per_epoch")
+            start = _check_int("start_epoch", start_epoch, 0) * _check_int("steps_per_epoch", steps_per_epoch, 1)
+        elif start_fraction is not None:
+            if total_steps is None:
+                raise ValueError("start_fraction needs total_steps")
+            f = _check_float("start_fraction", start_fraction, 0.0, 1.0, open_low=False, open_high=False)
+            start = math.ceil(f * _check_int("total_steps", total_steps, 1))
+        self.inner = schedule
+        self.start = _check_int("start", start, 0)
+
+    def momentum(self, step: int) -> float:
+        return 1.0 if step < self.start else self.inner.momentum(step - self.start)
+
+    def update_momentum(self, step: int, interval: int = 1, *, compensate: bool = True) -> float:
+        if step < self.start or (compensate and step - interval + 1 < self.start):
+            return 1.0
+        return self.inner.update_momentum(step - self.start, interval, compensate=compensate)
+
+    def _args(self) -> dict[str, object]:
+        return {"schedule": self.inner, "start": self.start}
+
+
 def interval_momentum(momentum: Callable[[int], float], step: int, interval: int, *, compensate: bool = True) -> float:
     """The momentum of an averaging update at ``step`` that stands for ``interval`` steps.
 
@@ -253,8 +635,10 @@ def interval_momentum(momentum: Callable[[int], float], step: int, interval: int
     batches. The product is taken in log space (``log1p``/``expm1``) so that tiny
     momenta keep their precision.
 
-    A schedule with ``per_update = True`` (:class:`EqualAverage`) is evaluated at the
-    number of earlier updates, ``step // interval``, without compensation. With
+    A :class:`Schedule` may define its own rule (:meth:`Schedule.update_momentum`):
+    :class:`EqualAverage` is evaluated at the number of earlier updates,
+    ``step // interval``, without compensation, and :class:`StartAt` copies while the
+    window reaches back before its start. With
     ``compensate=False`` the result is the uncompensated ``momentum(step)`` of
     mmengine, mmagic and mmpretrain.
 
@@ -263,8 +647,12 @@ def interval_momentum(momentum: Callable[[int], float], step: int, interval: int
     >>> interval_momentum(ConstantMomentum(0.5), 4, 2, compensate=False)
     0.5
     """
-    if getattr(momentum, "per_update", False):
-        return momentum(step // interval)
+    if isinstance(momentum, Schedule):
+        return momentum.update_momentum(step, interval, compensate=compensate)
+    return _compensated(momentum, step, interval, compensate)
+
+
+def _compensated(momentum: Callable[[int], float], step: int, interval: int, compensate: bool) -> float:
     if not compensate or interval == 1:
         return momentum(step)
     log_keep = 0.0
