@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from . import schedules
+from . import checkpoint, schedules
 from .averaged_model import AveragedModel
 from .bn import update_bn
 from .engine import AveragingEngine, canonical_name, flatten_parameters, unwrap_model
+from .hooks import EMAHook, OptimizerStepCounter
 from .models import (
     BaseAveragedModel,
     CosineEMA,
+    ExpMomentumEMA,
     ExponentialMovingAverage,
     MomentumAnnealingEMA,
     RampUpEMA,
@@ -27,12 +29,16 @@ __all__ = [
     "StochasticWeightAverage",
     "RampUpEMA",
     "CosineEMA",
+    "ExpMomentumEMA",
     # the generic averaged model
     "AveragedModel",
     "ParameterAverage",
     # reinforcement learning
     "soft_update",
     "hard_update",
+    # training hooks
+    "EMAHook",
+    "OptimizerStepCounter",
     # tools
     "update_bn",
     "flatten_parameters",
@@ -41,4 +47,5 @@ __all__ = [
     "canonical_name",
     "unwrap_model",
     "schedules",
+    "checkpoint",
 ]

@@ -24,7 +24,7 @@ import contextlib
 import copy
 import itertools
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from .schedules import (
     ConstantMomentum,
     CosineMomentum,
     EqualAverage,
+    ExpMomentum,
     MomentumAnnealing,
     RampUpMomentum,
     Schedule,
@@ -49,6 +50,7 @@ __all__ = [
     "StochasticWeightAverage",
     "RampUpEMA",
     "CosineEMA",
+    "ExpMomentumEMA",
 ]
 
 _LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})
@@ -387,6 +389,16 @@ class BaseAveragedModel(nn.Module):
         """
         if assign:
             raise ValueError("assign=True is not supported: the average keeps its own tensors, dtype and device")
+        apply, result = self.prepare_load(state_dict, strict)
+        apply()
+        return result
+
+    def prepare_load(
+        self, state_dict: Mapping[str, Any], strict: bool = True
+    ) -> tuple[Callable[[], None], _IncompatibleKeys]:
+        """Check ``state_dict`` as :meth:`load_state_dict` would and return ``(apply, keys)``:
+        calling ``apply()`` writes it. Lets a caller check several averages before changing any.
+        Raises :class:`RuntimeError` naming every problem."""
         self._check_not_swapped("load_state_dict")
         sd = self._normalise_keys(state_dict, "")
         for path in self._skipped:
@@ -415,12 +427,15 @@ class BaseAveragedModel(nn.Module):
                 errors.append(f"{k!r} is {v.dtype} in the file but {own[k].dtype} in the average")
         if errors:
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(errors))
-        with torch.no_grad():
-            for k, v in sd.items():
-                if k in own and k not in counters:
-                    own[k].copy_(v)
-        self._read_counters({k: int(sd[k]) for k in counters if k in sd})
-        return _IncompatibleKeys(missing, unexpected)
+
+        def apply() -> None:
+            with torch.no_grad():
+                for k, v in sd.items():
+                    if k in own and k not in counters:
+                        own[k].copy_(v)
+            self._read_counters({k: int(sd[k]) for k in counters if k in sd})
+
+        return apply, _IncompatibleKeys(missing, unexpected)
 
     def _load_from_state_dict(
         self,
@@ -697,3 +712,38 @@ class CosineEMA(ExponentialMovingAverage):
                 "pass max_steps= or set ema.max_steps"
             )
         return CosineMomentum(self.momentum, self.end_momentum, self.max_steps)
+
+
+class ExpMomentumEMA(ExponentialMovingAverage):
+    r"""EMA whose momentum decays exponentially to ``momentum`` (mmdet; YOLOX, RTMDet).
+
+    .. math:: m(t) = (1 - m)\,e^{-(1 + t)/\gamma} + m
+
+    where :math:`m` is ``momentum``, :math:`\gamma` is ``gamma`` and :math:`t` is ``steps``.
+
+    Args:
+        model, momentum, interval, device, update_buffers, dtype, compensate_interval: as
+            :class:`ExponentialMovingAverage`.
+        gamma: > 0. Defaults to 2000.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        momentum: float = 0.0002,
+        gamma: int = 2000,
+        interval: int = 1,
+        device: torch.device | str | None = None,
+        update_buffers: bool = False,
+        *,
+        dtype: torch.dtype | None = None,
+        compensate_interval: bool = True,
+    ) -> None:
+        ExpMomentum(momentum, gamma)  # validates
+        super().__init__(
+            model, momentum, interval, device, update_buffers, dtype=dtype, compensate_interval=compensate_interval
+        )
+        self.gamma = gamma
+
+    def make_schedule(self) -> Schedule:
+        return ExpMomentum(self.momentum, self.gamma)

@@ -20,7 +20,8 @@ it is the one place where interval compensation is computed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 __all__ = [
     "Schedule",
@@ -37,6 +38,7 @@ __all__ = [
     "StartAt",
     "interval_momentum",
     "resolve_decay",
+    "schedule_from_dict",
     "gamma_to_sigma_rel",
     "sigma_rel_to_gamma",
 ]
@@ -88,6 +90,13 @@ class Schedule:
 
     def _args(self) -> dict[str, object]:
         return {}
+
+    def to_dict(self) -> dict[str, object]:
+        """``{"type": class name, "args": constructor arguments}``: names and numbers only, so a
+        checkpoint holding it loads with ``torch.load(weights_only=True)``; see
+        :func:`schedule_from_dict`."""
+        args = {k: v.to_dict() if isinstance(v, Schedule) else v for k, v in self._args().items()}
+        return {"type": type(self).__name__, "args": args}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._args().items())
@@ -269,6 +278,23 @@ class CosineMomentum(Schedule):
 
     def _args(self) -> dict[str, object]:
         return {"momentum": self.start, "end_momentum": self.end, "max_steps": self.max_steps}
+
+
+def schedule_from_dict(data: Mapping[str, Any]) -> Schedule:
+    """Rebuild a schedule from :meth:`Schedule.to_dict`'s output (polyak's own classes only).
+
+    >>> schedule_from_dict(StartAt(ConstantMomentum(0.01), start=5).to_dict())
+    StartAt(schedule=ConstantMomentum(momentum=0.01), start=5)
+    """
+    try:
+        name, args = data["type"], dict(data.get("args", {}))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not a schedule description: {data!r}") from e
+    cls = _REGISTRY.get(name)  # type: ignore[arg-type]
+    if cls is None:
+        raise ValueError(f"unknown schedule type {name!r}; known: {sorted(_REGISTRY)}")
+    args = {k: schedule_from_dict(v) if isinstance(v, Mapping) and "type" in v else v for k, v in args.items()}
+    return cls(**args)
 
 
 def resolve_decay(
@@ -662,3 +688,21 @@ def _compensated(momentum: Callable[[int], float], step: int, interval: int, com
             return 1.0
         log_keep += math.log1p(-m)
     return -math.expm1(log_keep)
+
+
+_REGISTRY: dict[str, type[Schedule]] = {
+    cls.__name__: cls
+    for cls in (
+        ConstantMomentum,
+        MomentumAnnealing,
+        EqualAverage,
+        RampUpMomentum,
+        CosineMomentum,
+        Warmup,
+        NumUpdatesWarmup,
+        ExpMomentum,
+        MMCVWarmup,
+        PowerFunction,
+        StartAt,
+    )
+}

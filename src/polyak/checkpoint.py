@@ -1,0 +1,210 @@
+"""polyak's checkpoint format (docs/checkpoint-format.md), implemented once for every hook,
+integration and the command line.
+
+A training checkpoint holds the primary average's weights under the framework's usual weights
+key (deployable as is), the live weights under their own key, and a ``"polyak"`` block that
+names and numbers everything needed to continue exactly. :func:`pack` writes it into a
+framework's checkpoint dict; :func:`unpack` reads it back.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .engine import canonical_name
+from .models import BaseAveragedModel
+
+__all__ = [
+    "FORMAT_VERSION",
+    "KEY",
+    "averaged_weights",
+    "record",
+    "pack",
+    "unpack",
+    "has_averages",
+]
+
+#: The version of the layout written by this release.
+FORMAT_VERSION = 1
+#: The checkpoint key of the block that describes the averages.
+KEY = "polyak"
+
+
+def averaged_weights(average: BaseAveragedModel) -> dict[str, Tensor]:
+    """The average as a plain state dict of the model (no ``module.`` prefix, no counters, no
+    tensors shared with the model), detached."""
+    counters = set(average._counter_keys())
+    out = {}
+    for k, v in average.state_dict().items():
+        if k in counters:
+            continue
+        if not k.startswith("module."):
+            raise AssertionError(f"unexpected key {k!r} in {type(average).__name__}.state_dict()")
+        out[k[len("module.") :]] = v.detach()
+    return out
+
+
+def _dtype_name(average: BaseAveragedModel) -> str | None:
+    dtypes = {t.dtype for t in average.module.parameters() if t.is_floating_point()}
+    return str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
+
+
+def record(average: BaseAveragedModel, *, weights: bool = True) -> dict[str, Any]:
+    """The averaging state of one average (one entry of ``checkpoint["polyak"]["averages"]``)."""
+    return {
+        "class": type(average).__name__,
+        "schedule": None if average._has_avg_func() else average.schedule.to_dict(),
+        "counters": dict(average._counters()),
+        "steps": average.steps,
+        "interval": average.interval,
+        "compensate_interval": average.compensate_interval,
+        "update_buffers": average.update_buffers,
+        "dtype": _dtype_name(average),
+        "weights": averaged_weights(average) if weights else None,
+    }
+
+
+def _merge_into(live: Mapping[str, Any], averaged: Mapping[str, Tensor]) -> dict[str, Any]:
+    """``live`` with every averaged tensor put in place of the live one (matched by canonical
+    name, so the live keys keep whatever prefix the framework saved them with)."""
+    by_name = {canonical_name(k): k for k in live}
+    out = dict(live)
+    for name, t in averaged.items():
+        out[by_name.get(name, name)] = t
+    return out
+
+
+def pack(
+    checkpoint: dict[str, Any],
+    averages: Mapping[str, BaseAveragedModel],
+    *,
+    weights_key: str = "state_dict",
+    live_key: str = "live_state_dict",
+    live_prefix: str = "",
+    primary: str | None = None,
+    live: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the averages into a framework's ``checkpoint`` dict, in place, and return it.
+
+    The live weights (``live``, or what the framework put under ``weights_key``) move to
+    ``live_key`` (their keys prefixed with ``live_prefix``); ``weights_key`` then holds the
+    live state with the ``primary`` average's tensors in place of the live ones, a complete
+    state dict that deploys the average; every other average keeps its weights in its record.
+
+    Args:
+        checkpoint: the framework's checkpoint dict.
+        averages: the averages, by name (the first is the primary unless ``primary`` says).
+        weights_key: the framework's weights key (``"state_dict"`` for Lightning, mmengine).
+        live_key: where the live weights go.
+        live_prefix: a prefix for the live keys (mmengine's ``ema_state_dict`` uses
+            ``"module."``).
+        primary: the average deployed under ``weights_key``.
+        live: the live state dict; default ``checkpoint[weights_key]``.
+    """
+    if not averages:
+        raise ValueError("pack() needs at least one average")
+    names = list(averages)
+    primary = names[0] if primary is None else primary
+    if primary not in averages:
+        raise ValueError(f"primary {primary!r} is not one of the averages {names}")
+    if live is None:
+        if weights_key not in checkpoint:
+            raise KeyError(f"the checkpoint has no {weights_key!r} to take the live weights from")
+        live = checkpoint[weights_key]
+    checkpoint[live_key] = {live_prefix + k: v for k, v in live.items()}
+    checkpoint[weights_key] = _merge_into(live, averaged_weights(averages[primary]))
+    checkpoint[KEY] = {
+        "format_version": FORMAT_VERSION,
+        "weights_key": weights_key,
+        "live_key": live_key,
+        "live_prefix": live_prefix,
+        "primary": primary,
+        "averages": {name: record(avg, weights=name != primary) for name, avg in averages.items()},
+    }
+    return checkpoint
+
+
+def has_averages(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether ``checkpoint`` holds a polyak block."""
+    return isinstance(checkpoint.get(KEY), Mapping)
+
+
+def _meta(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = checkpoint.get(KEY)
+    if not isinstance(meta, Mapping):
+        raise KeyError(f"the checkpoint has no {KEY!r} block: it was not written with averages")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"the checkpoint's polyak format_version is {version!r}; this polyak reads up to {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def _state_for(average: BaseAveragedModel, rec: Mapping[str, Any], weights: Mapping[str, Any]) -> dict[str, Any]:
+    own = {k[len("module.") :] for k in average.state_dict() if k.startswith("module.")}
+    by_name = {canonical_name(k): k for k in weights}
+    sd: dict[str, Any] = {}
+    for name in own:
+        key = by_name.get(canonical_name(name))
+        if key is not None:
+            sd["module." + name] = weights[key]
+    for k, v in dict(rec.get("counters") or {}).items():
+        sd[k] = torch.tensor(int(v), dtype=torch.long)
+    if "steps" not in sd and "steps" in rec:
+        sd["steps"] = torch.tensor(int(rec["steps"]), dtype=torch.long)
+    return sd
+
+
+def unpack(
+    checkpoint: Mapping[str, Any],
+    averages: Mapping[str, BaseAveragedModel],
+    *,
+    strict: bool = True,
+) -> tuple[dict[str, Any], list[str]]:
+    """Restore the named ``averages`` from ``checkpoint`` and return ``(live, missing)``.
+
+    ``live`` is the live (training) state dict to load into the model; ``missing`` names the
+    averages the checkpoint has no record of (a hook initialises those from the model).
+    Every record is checked before any average changes, so a failure changes nothing.
+    Raises :class:`KeyError` if the checkpoint has no polyak block.
+    """
+    meta = _meta(checkpoint)
+    weights_key, live_key = meta["weights_key"], meta["live_key"]
+    prefix = meta.get("live_prefix", "")
+    if live_key not in checkpoint:
+        raise KeyError(f"the checkpoint's polyak block names live weights under {live_key!r}, which is absent")
+    records = meta.get("averages", {})
+    applies: list[Callable[[], None]] = []
+    missing = []
+    for name, average in averages.items():
+        rec = records.get(name)
+        if rec is None:
+            missing.append(name)
+            continue
+        if rec.get("class") != type(average).__name__:
+            raise ValueError(
+                f"average {name!r} was saved by {rec.get('class')!r} but is restored into {type(average).__name__!r}"
+            )
+        if rec.get("schedule") is not None and not average._has_avg_func():
+            saved = rec["schedule"]
+            if saved != average.schedule.to_dict():
+                warnings.warn(
+                    f"average {name!r}: the checkpoint was trained with {saved} and resumes with "
+                    f"{average.schedule!r} (the current arguments win)",
+                    stacklevel=2,
+                )
+        weights = checkpoint[weights_key] if name == meta.get("primary") else rec.get("weights")
+        if weights is None:
+            raise KeyError(f"average {name!r} has no weights in the checkpoint")
+        apply, _ = average.prepare_load(_state_for(average, rec, weights), strict=strict)
+        applies.append(apply)
+    for apply in applies:
+        apply()
+    live = {k[len(prefix) :]: v for k, v in checkpoint[live_key].items() if k.startswith(prefix)}
+    return live, missing

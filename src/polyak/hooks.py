@@ -1,0 +1,331 @@
+"""Framework-free training hooks: an optimizer-step counter and a runner-style ``EMAHook``.
+
+:class:`OptimizerStepCounter` is how every integration updates the average once per *real*
+optimizer step: it counts calls of ``optimizer.step`` through the optimizer's step post-hooks,
+which do not run when a ``torch.amp.GradScaler`` skips a step (inf/NaN gradients) and run once
+per gradient-accumulation cycle. No tensor is read on the host to find out.
+
+:class:`EMAHook` follows mmengine's ``EMAHook`` (arguments, swap around validation and test,
+``ema_state_dict`` in checkpoints) for any runner-like object with ``.model``, ``.iter``,
+``.epoch`` and ``.max_iters``; ``polyak.integrations.mmengine`` registers it with mmengine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .averaged_model import AveragedModel
+from .engine import unwrap_model
+from .models import (
+    BaseAveragedModel,
+    CosineEMA,
+    ExpMomentumEMA,
+    ExponentialMovingAverage,
+    MomentumAnnealingEMA,
+    RampUpEMA,
+    StochasticWeightAverage,
+)
+from .schedules import MMCVWarmup
+
+__all__ = ["OptimizerStepCounter", "EMAHook", "AVERAGED_MODELS", "find_optimizers"]
+
+#: The averaged models an ``ema_type`` string may name.
+AVERAGED_MODELS: dict[str, type[BaseAveragedModel]] = {
+    cls.__name__: cls
+    for cls in (
+        ExponentialMovingAverage,
+        MomentumAnnealingEMA,
+        StochasticWeightAverage,
+        RampUpEMA,
+        CosineEMA,
+        ExpMomentumEMA,
+        AveragedModel,
+    )
+}
+
+
+class OptimizerStepCounter:
+    """Counts the optimizer steps that really ran, via ``Optimizer.register_step_post_hook``.
+
+    A ``GradScaler`` that finds inf/NaN gradients does not call ``optimizer.step()``, so such a
+    step is not counted; with gradient accumulation ``step()`` runs once per cycle. Use
+    :meth:`advanced` to ask, once per batch, whether a new step was taken since the last ask.
+    """
+
+    def __init__(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+        self.count = 0
+        self._seen = 0
+        self._handles: list[Any] = []
+        self._hooked: set[int] = set()
+        self.watch(optimizers)
+
+    def watch(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Count the steps of these optimizers too (each optimizer once)."""
+        for opt in optimizers:
+            if id(opt) in self._hooked:
+                continue
+            self._hooked.add(id(opt))
+            self._handles.append(opt.register_step_post_hook(self._on_step))
+
+    @property
+    def watching(self) -> bool:
+        return bool(self._handles)
+
+    def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.count += 1
+
+    def advanced(self) -> bool:
+        """True if at least one optimizer step ran since the previous call."""
+        moved = self.count != self._seen
+        self._seen = self.count
+        return moved
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._hooked.clear()
+
+
+def find_optimizers(obj: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside ``obj``: an optimizer, mmengine's ``OptimWrapper`` or
+    ``OptimWrapperDict``, accelerate's ``AcceleratedOptimizer``, a list or dict of them."""
+    if obj is None:
+        return []
+    if isinstance(obj, torch.optim.Optimizer):
+        return [obj]
+    if isinstance(obj, dict):
+        return [o for v in obj.values() for o in find_optimizers(v)]
+    if isinstance(obj, (list, tuple)):
+        return [o for v in obj for o in find_optimizers(v)]
+    inner = getattr(obj, "optim_wrappers", None)  # mmengine OptimWrapperDict
+    if isinstance(inner, dict):
+        return find_optimizers(inner)
+    inner = getattr(obj, "optimizer", None)  # OptimWrapper, AcceleratedOptimizer
+    return find_optimizers(inner) if inner is not obj else []
+
+
+class EMAHook:
+    """Keep an averaged model during training; evaluate and checkpoint with it.
+
+    mmengine's ``EMAHook``, for any runner-like object with ``.model``, ``.iter`` (0-based
+    index of the current iteration), ``.epoch`` and ``.max_iters``, calling the hook methods
+    below at the usual points:
+
+    * ``before_run``: builds ``ema_type(model, **kwargs)`` from the unwrapped ``runner.model``
+      (and gives :class:`~polyak.CosineEMA` its ``max_steps`` from ``runner.max_iters``);
+    * ``after_train_iter``: updates the average, once per optimizer step that ran (found
+      through :class:`OptimizerStepCounter` on ``runner.optim_wrapper`` / ``runner.optimizer``
+      when there is one, else every iteration), or copies the model before ``begin_iter`` /
+      ``begin_epoch`` (those calls do not count);
+    * ``before/after_val_epoch``, ``before/after_test_epoch``: swap the average into the model
+      and back (exception-safe, in place), unless it has not been updated yet;
+    * ``before_save_checkpoint`` / ``after_load_checkpoint``: polyak's checkpoint format in its
+      mmengine flavour (docs/checkpoint-format.md): ``state_dict`` holds the average,
+      ``ema_state_dict`` the live weights under ``module.`` keys and ``steps``, so mmengine's own
+      hook reads it too; checkpoints written by mmengine's hook load as well.
+
+    mmcv 1.x's ``EMAHook(momentum, interval, warm_up, resume_from)`` translates as: ``momentum``
+    and ``interval`` as they are (with interval compensation instead of mmcv's freezing
+    ``momentum ** interval``); ``warm_up=w`` averages with mmcv's ``min(momentum,
+    (1+t)/(w+t))`` (:class:`~polyak.schedules.MMCVWarmup`); ``resume_from=path`` resumes from that
+    checkpoint in ``before_run``; ``swap="epoch"`` swaps at epoch boundaries as mmcv did
+    (average in after each training epoch, live weights back before the next).
+
+    Args:
+        ema_type: an averaged-model class or its name (:data:`AVERAGED_MODELS`).
+        strict_load: load averages strictly. Defaults to False, as mmengine.
+        begin_iter, begin_epoch: copy the model until the iteration/epoch (1-based counts, as
+            mmengine) is reached.
+        swap: ``"val"`` (validation and test, mmengine), ``"epoch"`` (mmcv) or ``None``.
+        warm_up, resume_from: mmcv's arguments (above).
+        **kwargs: passed to ``ema_type`` (``momentum``, ``interval``, ``update_buffers``, ...).
+    """
+
+    priority = "NORMAL"
+
+    def __init__(
+        self,
+        ema_type: str | type[BaseAveragedModel] = "ExponentialMovingAverage",
+        strict_load: bool = False,
+        begin_iter: int = 0,
+        begin_epoch: int = 0,
+        *,
+        swap: str | None = "val",
+        warm_up: int | None = None,
+        resume_from: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(ema_type, str):
+            if ema_type not in AVERAGED_MODELS:
+                raise ValueError(f"unknown ema_type {ema_type!r}; known: {sorted(AVERAGED_MODELS)}")
+            ema_type = AVERAGED_MODELS[ema_type]
+        if not (isinstance(ema_type, type) and issubclass(ema_type, BaseAveragedModel)):
+            raise ValueError(f"ema_type must name a polyak averaged model, got {ema_type!r}")
+        for name, value in (("begin_iter", begin_iter), ("begin_epoch", begin_epoch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if begin_iter and begin_epoch:
+            raise ValueError("give begin_iter or begin_epoch, not both")
+        if swap not in ("val", "epoch", None):
+            raise ValueError(f"swap must be 'val', 'epoch' or None, got {swap!r}")
+        if warm_up is not None:
+            schedule = MMCVWarmup(kwargs.pop("momentum", 0.0002), warm_up)
+            ema_type, kwargs = AveragedModel, {"schedule": schedule, **kwargs}
+        self.ema_type = ema_type
+        self.ema_cfg = kwargs
+        self.strict_load = strict_load
+        self.begin_iter = begin_iter
+        self.begin_epoch = begin_epoch
+        self.swap = swap
+        self.resume_from = resume_from
+        self.ema_model: BaseAveragedModel | None = None
+        self.src_model: nn.Module | None = None
+        self._steps = OptimizerStepCounter()
+        self._swap: contextlib.ExitStack | None = None
+
+    # -- building ---------------------------------------------------------------------------
+
+    def before_run(self, runner: Any) -> None:
+        self.src_model = unwrap_model(runner.model)
+        self.ema_model = self.ema_type(self.src_model, **self.ema_cfg)
+        if isinstance(self.ema_model, CosineEMA) and self.ema_model.max_steps is None:
+            self.ema_model.max_steps = int(runner.max_iters)
+        if self.resume_from is not None:
+            if hasattr(runner, "resume"):
+                runner.resume(self.resume_from)
+            else:
+                checkpoint = torch.load(self.resume_from, map_location="cpu", weights_only=True)
+                self.after_load_checkpoint(runner, checkpoint)
+                self.src_model.load_state_dict(checkpoint["state_dict"])
+
+    def before_train(self, runner: Any) -> None:
+        max_iters = getattr(runner, "max_iters", None)
+        max_epochs = getattr(runner, "max_epochs", None)
+        if max_iters is not None and self.begin_iter >= max_iters:
+            raise ValueError(f"begin_iter={self.begin_iter} is not below max_iters={max_iters}: nothing would average")
+        if max_epochs is not None and self.begin_epoch >= max_epochs:
+            raise ValueError(
+                f"begin_epoch={self.begin_epoch} is not below max_epochs={max_epochs}: nothing would average"
+            )
+        self._steps.watch(find_optimizers(getattr(runner, "optim_wrapper", None) or getattr(runner, "optimizer", None)))
+
+    # -- training -----------------------------------------------------------------------------
+
+    def _started(self, runner: Any) -> bool:
+        return runner.iter + 1 >= self.begin_iter and runner.epoch + 1 >= self.begin_epoch
+
+    def after_train_iter(self, runner: Any, batch_idx: int = 0, data_batch: Any = None, outputs: Any = None) -> None:
+        assert self.ema_model is not None and self.src_model is not None, "before_run() was not called"
+        if self._steps.watching and not self._steps.advanced():
+            return  # accumulating gradients, or a step the GradScaler skipped
+        if self._started(runner):
+            self.ema_model.update_parameters(self.src_model)
+        else:
+            self.ema_model.sync_parameters(self.src_model)
+
+    @property
+    def momentum(self) -> float | None:
+        """The momentum of the latest averaging update, for logging."""
+        return None if self.ema_model is None else self.ema_model.current_momentum
+
+    # -- swapping -------------------------------------------------------------------------------
+
+    def _swap_in(self) -> None:
+        assert self.ema_model is not None and self.src_model is not None
+        if self._swap is not None:
+            return
+        if self.ema_model.steps == 0:
+            warnings.warn("EMAHook: the average has not been updated yet; evaluating the live model", stacklevel=3)
+            return
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.ema_model.swapped(self.src_model))
+        self._swap = stack
+
+    def _swap_out(self) -> None:
+        if self._swap is not None:
+            stack, self._swap = self._swap, None
+            stack.close()
+
+    def before_val_epoch(self, runner: Any) -> None:
+        if self.swap == "val":
+            self._swap_in()
+
+    def after_val_epoch(self, runner: Any, metrics: Any = None) -> None:
+        if self.swap == "val":
+            self._swap_out()
+
+    def before_test_epoch(self, runner: Any) -> None:
+        if self.swap == "val":
+            self._swap_in()
+
+    def after_test_epoch(self, runner: Any, metrics: Any = None) -> None:
+        if self.swap == "val":
+            self._swap_out()
+
+    def after_train_epoch(self, runner: Any) -> None:
+        if self.swap == "epoch":
+            self._swap_in()
+
+    def before_train_epoch(self, runner: Any) -> None:
+        if self.swap == "epoch":
+            self._swap_out()
+
+    def after_run(self, runner: Any) -> None:
+        self._swap_out()
+        self._steps.close()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
+        assert self.ema_model is not None and self.src_model is not None
+        live = None
+        if self._swap is not None:  # never save the average as the live weights
+            self._swap_out()
+            live = {k: v.detach().clone() for k, v in self.src_model.state_dict().items()}
+            self._swap_in()
+        ckpt.pack(
+            checkpoint,
+            {"ema": self.ema_model},
+            weights_key="state_dict",
+            live_key="ema_state_dict",
+            live_prefix="module.",
+            live=live,
+        )
+        checkpoint["ema_state_dict"]["steps"] = torch.tensor(self.ema_model.steps, dtype=torch.long)
+
+    def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
+        assert self.ema_model is not None
+        resume = bool(getattr(runner, "_resume", True))
+        if ckpt.has_averages(checkpoint) and resume:
+            live, missing = ckpt.unpack(checkpoint, {"ema": self.ema_model}, strict=self.strict_load)
+            if missing:
+                self._init_from(checkpoint["state_dict"])
+            checkpoint["state_dict"] = live
+        elif "ema_state_dict" in checkpoint and resume:  # written by mmengine's EMAHook
+            model_state, ema_state = checkpoint["state_dict"], checkpoint["ema_state_dict"]
+            for k in list(ema_state):
+                if k.startswith("module.") and k[7:] in model_state:
+                    ema_state[k], model_state[k[7:]] = model_state[k[7:]], ema_state[k]
+            self.ema_model.load_state_dict(ema_state, strict=self.strict_load)
+        else:
+            if resume:
+                warnings.warn(
+                    "EMAHook: the checkpoint has no average; starting it from the checkpoint's weights",
+                    stacklevel=2,
+                )
+            self._init_from(checkpoint["state_dict"])
+
+    def _init_from(self, state_dict: dict) -> None:
+        assert self.ema_model is not None
+        sd = {"module." + k: v for k, v in copy.copy(state_dict).items()}
+        sd["steps"] = torch.tensor(max(self.ema_model.steps, 1), dtype=torch.long)
+        self.ema_model.load_state_dict(sd, strict=self.strict_load)
