@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[test,bench]" $(TORCH)
+	$(PIP) install -q -e ".[test]" $(TORCH)
 	touch $(STAMP)
 
 install: $(STAMP)

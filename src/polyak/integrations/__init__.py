@@ -1,0 +1,3 @@
+"""Integrations with training frameworks. Each submodule imports its framework; ``import
+polyak`` imports none of them (install the extra: ``polyak[lightning]``,
+``polyak[transformers]``, ``polyak[mmengine]``)."""
