@@ -42,6 +42,8 @@ __all__ = [
     "flatten_parameters",
     "AveragingEngine",
     "Weight",
+    "is_dtensor",
+    "local",
 ]
 
 #: Module names that wrappers insert into parameter names and that are dropped when matching:
@@ -65,6 +67,18 @@ device (read by the kernel, never by the host)."""
 _data_ptr = Tensor.data_ptr
 _getitem = operator.getitem
 _is = operator.is_
+_local_of = operator.attrgetter("_local_tensor")
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing it)."""
+    return hasattr(t, "_local_tensor") and hasattr(t, "placements")
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor the kernels work on: this rank's shard of a DTensor, else ``t`` itself,
+    detached (sharing storage)."""
+    return (t._local_tensor if is_dtensor(t) else t).detach()
 
 
 def canonical_name(name: str) -> str:
@@ -368,13 +382,17 @@ class _Fingerprint:
         self.owners = [e.owner for e in entries]
         self.keys = [e.key for e in entries]
         self.tensors = [e.tensor for e in entries]
-        self.params = [e.tensor for e in entries if not e.is_buffer]
-        self.ptrs = tuple(map(_data_ptr, self.params))
+        params = [e.tensor for e in entries if not e.is_buffer]
+        # A DTensor's own data_ptr is 0: its shard's counts (FSDP2 updates shards in place).
+        self.params = [p for p in params if not is_dtensor(p)]
+        self.sharded = [p for p in params if is_dtensor(p)]
+        self.ptrs = self._ptrs()
+
+    def _ptrs(self) -> tuple[int, ...]:
+        return (*map(_data_ptr, self.params), *map(_data_ptr, map(_local_of, self.sharded)))
 
     def holds(self) -> bool:
-        return all(map(_is, map(_getitem, self.owners, self.keys), self.tensors)) and (
-            tuple(map(_data_ptr, self.params)) == self.ptrs
-        )
+        return all(map(_is, map(_getitem, self.owners, self.keys), self.tensors)) and self._ptrs() == self.ptrs
 
 
 @dataclass
@@ -493,6 +511,17 @@ class AveragingEngine:
         names, kinds, dst, srcs, is_buf = [], [], [], [], []
         for name, e in tgt.items():
             s = src[name].tensor
+            if is_dtensor(s) != is_dtensor(e.tensor):
+                raise ValueError(
+                    f"tensor {name!r} is {'a DTensor' if is_dtensor(s) else 'a plain tensor'} in the source but "
+                    f"{'a DTensor' if is_dtensor(e.tensor) else 'a plain tensor'} in the average: build the "
+                    "average from the model as it is sharded"
+                )
+            if is_dtensor(s) and (s.placements != e.tensor.placements or local(s).shape != local(e.tensor).shape):
+                raise ValueError(
+                    f"tensor {name!r} is sharded as {s.placements} (local {tuple(local(s).shape)}) in the source "
+                    f"but {e.tensor.placements} (local {tuple(local(e.tensor).shape)}) in the average"
+                )
             if s.shape != e.tensor.shape:
                 raise ValueError(
                     f"tensor {name!r} has shape {tuple(s.shape)} in the source but "
@@ -505,8 +534,8 @@ class AveragingEngine:
                 raise ValueError(f"tensor {name!r} is {s.dtype} in the source but averaged as {e.tensor.dtype}")
             names.append(name)
             kinds.append(kind)
-            dst.append(e.tensor.detach())
-            srcs.append(s.detach())
+            dst.append(local(e.tensor))
+            srcs.append(local(s))
             is_buf.append(e.is_buffer)
         return _Binding(
             source=weakref.ref(source),

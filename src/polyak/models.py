@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from .engine import AveragingEngine, StateEntry, Weight, flatten_tensors_, named_state, unwrap_model
+from .engine import AveragingEngine, StateEntry, Weight, flatten_tensors_, is_dtensor, named_state, unwrap_model
 from .schedules import (
     ConstantMomentum,
     CosineMomentum,
@@ -94,6 +94,13 @@ def copy_module(
     # single lerp_ per group (see flatten_parameters).
     flatten_tensors_(new_params)
     return clone
+
+
+def _sharded_module_type() -> type:
+    import sys
+
+    mod = sys.modules.get("polyak.distributed")  # imported when a sharded average was built
+    return mod.ShardedAverageModule if mod is not None else type(None)
 
 
 def _check_interval(interval: object) -> int:
@@ -165,8 +172,17 @@ class BaseAveragedModel(nn.Module):
         state = named_state(source)
         self._kinds = self._select(source, state)
         shared = frozenset(id(state[n].tensor) for n, k in self._kinds.items() if k == "skip")
-        self._skipped = tuple(state[n].path for n, k in self._kinds.items() if k == "skip")
-        self.module = copy_module(source, device=torch.device(device) if device else None, dtype=dtype, share=shared)
+        target_device = torch.device(device) if device else None
+        if any(is_dtensor(e.tensor) for e in state.values()):
+            from .distributed import sharded_copy  # FSDP2: shard by shard, never a deep copy
+
+            self._skipped = tuple(n for n, k in self._kinds.items() if k == "skip")
+            self.module = sharded_copy(
+                source, dtype_of=lambda t: _average_dtype(t, dtype), device=target_device, share=shared
+            )
+        else:
+            self._skipped = tuple(state[n].path for n, k in self._kinds.items() if k == "skip")
+            self.module = copy_module(source, device=target_device, dtype=dtype, share=shared)
         self._steps = 0
         self._swapped = False
         self._last_momentum: float | None = None
@@ -310,6 +326,7 @@ class BaseAveragedModel(nn.Module):
                 f"{type(self).__name__} has not been updated yet: call update_parameters(model) "
                 "before swapping the average in"
             )
+        self._reshard(model)
         pairs = [(a, b) for _, kind, a, b in self._engine.pairs(model) if kind == "avg"]
         exact = all(a.dtype == b.dtype for a, b in pairs)
         backup = None
@@ -324,6 +341,7 @@ class BaseAveragedModel(nn.Module):
         try:
             yield model
         finally:
+            self._reshard(model)
             with torch.no_grad():
                 if backup is None:
                     self._engine.swap_(model)
@@ -334,7 +352,14 @@ class BaseAveragedModel(nn.Module):
     def copy_to(self, model: nn.Module) -> None:
         """Write the average (parameters and buffers) into ``model`` permanently."""
         self._check_not_swapped("copy_to")
+        self._reshard(model)
         self._engine.write_to_(model, "all")
+
+    def _reshard(self, model: nn.Module) -> None:
+        if isinstance(self.module, _sharded_module_type()):
+            from .distributed import reshard
+
+            reshard(model)
 
     def _check_not_swapped(self, what: str) -> None:
         if self._swapped:
@@ -432,7 +457,12 @@ class BaseAveragedModel(nn.Module):
             with torch.no_grad():
                 for k, v in sd.items():
                     if k in own and k not in counters:
-                        own[k].copy_(v)
+                        if is_dtensor(own[k]) or is_dtensor(v):
+                            from .distributed import copy_full_
+
+                            copy_full_(own[k], v)
+                        else:
+                            own[k].copy_(v)
             self._read_counters({k: int(sd[k]) for k in counters if k in sd})
 
         return apply, _IncompatibleKeys(missing, unexpected)
