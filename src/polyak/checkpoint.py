@@ -49,23 +49,33 @@ def averaged_weights(average: BaseAveragedModel) -> dict[str, Tensor]:
     return out
 
 
-def _dtype_name(average: BaseAveragedModel) -> str | None:
-    dtypes = {t.dtype for t in average.module.parameters() if t.is_floating_point()}
+def _dtype_name(weights: Mapping[str, Tensor]) -> str | None:
+    dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
     return str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
+
+
+def _schedule_dict(average: BaseAveragedModel) -> dict[str, Any] | None:
+    if average._has_avg_func():
+        return None
+    try:
+        return average.schedule.to_dict()
+    except ValueError:  # not yet defined (CosineEMA before max_steps is known)
+        return None
 
 
 def record(average: BaseAveragedModel, *, weights: bool = True) -> dict[str, Any]:
     """The averaging state of one average (one entry of ``checkpoint["polyak"]["averages"]``)."""
+    own = averaged_weights(average)
     return {
         "class": type(average).__name__,
-        "schedule": None if average._has_avg_func() else average.schedule.to_dict(),
+        "schedule": _schedule_dict(average),
         "counters": dict(average._counters()),
         "steps": average.steps,
         "interval": average.interval,
         "compensate_interval": average.compensate_interval,
         "update_buffers": average.update_buffers,
-        "dtype": _dtype_name(average),
-        "weights": averaged_weights(average) if weights else None,
+        "dtype": _dtype_name(own),
+        "weights": own if weights else None,
     }
 
 
@@ -191,9 +201,9 @@ def unpack(
             raise ValueError(
                 f"average {name!r} was saved by {rec.get('class')!r} but is restored into {type(average).__name__!r}"
             )
-        if rec.get("schedule") is not None and not average._has_avg_func():
-            saved = rec["schedule"]
-            if saved != average.schedule.to_dict():
+        saved = rec.get("schedule")
+        if saved is not None and _schedule_dict(average) is not None:
+            if saved != _schedule_dict(average):
                 warnings.warn(
                     f"average {name!r}: the checkpoint was trained with {saved} and resumes with "
                     f"{average.schedule!r} (the current arguments win)",

@@ -27,9 +27,9 @@ from __future__ import annotations
 import itertools
 import operator
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,7 @@ __all__ = [
     "Weight",
     "is_dtensor",
     "local",
+    "average_many_",
 ]
 
 #: Module names that wrappers insert into parameter names and that are dropped when matching:
@@ -55,6 +56,10 @@ WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoin
 #: Elements per staging chunk (4 MiB in fp32): large enough to amortise the per-chunk launch,
 #: small enough to stay in cache between the copy and the lerp that reads it.
 STAGING_CHUNK = 1 << 20
+
+#: Source elements per interleaved chunk when several averages read the same source
+#: (:func:`average_many_`): 1 MiB in fp32, so the chunk is still in cache for the second average.
+SHARED_READ_CHUNK = 1 << 18
 
 #: Source tensors of at most this many elements are gathered by one ``cat`` per chunk rather
 #: than updated one dispatch each, where that is faster (the CPU, and across devices).
@@ -406,6 +411,7 @@ class _Binding:
     src: list[Tensor]  # source tensors (detached), target order
     is_buffer: list[bool]
     plans: dict[str, list[_Group]] = field(default_factory=dict)
+    shared: dict[tuple[int, ...], Any] = field(default_factory=dict)  # average_many_ plans
 
     def fresh(self) -> bool:
         return self.source_print.holds() and self.target_print.holds()
@@ -604,3 +610,88 @@ class AveragingEngine:
 def _few(names: list[str], n: int = 5) -> str:
     shown = ", ".join(repr(x) for x in itertools.islice(names, n))
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Several averages of one source, reading it once.
+
+
+def _aligned(groups: Sequence[_Group]) -> bool:
+    g0 = groups[0]
+    return all(
+        len(g.dst) == len(g0.dst)
+        and len(g.staged) == len(g0.staged)
+        and len(g.gathered) == len(g0.gathered)
+        and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(g.dst, g0.dst, strict=True))
+        and all(a[0].dtype == b[0].dtype for a, b in zip(g.gathered, g0.gathered, strict=True))
+        for g in groups[1:]
+    )
+
+
+@dataclass
+class _SharedPlan:
+    """For one group across N averages: direct pairs cut into cache-sized chunks, each chunk
+    ``(source pieces, [target pieces of average i])``; staging and gathering are shared."""
+
+    groups: list[_Group]
+    chunks: list[tuple[list[Tensor], list[list[Tensor]]]]
+
+    def lerp_(self, weights: Sequence[Weight]) -> None:
+        for src, dsts in self.chunks:
+            for dst, w in zip(dsts, weights, strict=True):
+                _lerp(dst, src, w)
+        g0 = self.groups[0]
+        for k, (_, src, scratch) in enumerate(g0.staged):
+            torch._foreach_copy_(scratch, src)
+            for g, w in zip(self.groups, weights, strict=True):
+                _lerp(g.staged[k][0], scratch, w)
+        for k, (_, srcs, gathered, converted) in enumerate(g0.gathered):
+            torch.cat(srcs, out=gathered)
+            if converted is not None:
+                converted.copy_(gathered)
+                gathered = converted
+            for g, w in zip(self.groups, weights, strict=True):
+                g.gathered[k][0].lerp_(gathered, w)
+
+
+def _shared_plan(groups: list[_Group]) -> _SharedPlan:
+    g0 = groups[0]
+    cut = [list(_pieces(g.dst, g0.src, SHARED_READ_CHUNK)) for g in groups]
+    sizes = [d.numel() for d, _ in cut[0]]
+    chunks = []
+    for lo, hi in _chunks(sizes, SHARED_READ_CHUNK):
+        src = [s for _, s in cut[0][lo:hi]]
+        chunks.append((src, [[d for d, _ in pieces[lo:hi]] for pieces in cut]))
+    return _SharedPlan(groups, chunks)
+
+
+@torch.no_grad()
+def average_many_(engines: Sequence[AveragingEngine], source: nn.Module, weights: Sequence[Weight]) -> None:
+    """:meth:`AveragingEngine.average_` for several averages of the same model at once,
+
+    .. math:: \bar\theta_i \\leftarrow \bar\theta_i + w_i\\,(\theta - \bar\theta_i), \\quad i = 1 \\dots N
+
+    reading each source tensor from memory once for all of them: large tensors are cut into
+    cache-sized chunks and every average is updated from a chunk before the next is read;
+    staged and gathered sources are staged once. Averages whose layouts differ (another dtype
+    or device) fall back to one pass each. Every binding is checked before anything changes.
+    """
+    if len(engines) != len(weights):
+        raise ValueError(f"{len(engines)} averages but {len(weights)} weights")
+    bindings = [e.bind(source) for e in engines]
+    plans = [b.plan("avg") for b in bindings]
+    if len({len(p) for p in plans}) != 1 or not all(_aligned(list(gs)) for gs in zip(*plans, strict=True)):
+        for b, w in zip(bindings, weights, strict=True):
+            for g in b.plan("avg"):
+                g.lerp_(w)
+    else:
+        key = tuple(id(b) for b in bindings)
+        cached = bindings[0].shared.get(key)
+        if cached is None or any(x is not y for x, y in zip(cached[0], bindings, strict=True)):
+            cached = (bindings, [_shared_plan(list(gs)) for gs in zip(*plans, strict=True)])
+            bindings[0].shared[key] = cached
+        for shared in cached[1]:
+            shared.lerp_(weights)
+    for b in bindings:
+        for g in b.plan("copy"):
+            g.copy_()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -97,10 +98,16 @@ def copy_module(
 
 
 def _sharded_module_type() -> type:
-    import sys
-
     mod = sys.modules.get("polyak.distributed")  # imported when a sharded average was built
     return mod.ShardedAverageModule if mod is not None else type(None)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside polyak."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("polyak"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_interval(interval: object) -> int:
@@ -250,21 +257,42 @@ class BaseAveragedModel(nn.Module):
     def update_parameters(self, model: nn.Module) -> None:
         """Fold ``model``'s current weights into the average (see the class formula)."""
         self._check_not_swapped("update_parameters")
+        action, momentum = self._next_action()
+        if action == "average":
+            self._engine.average_(model, momentum)  # type: ignore[arg-type]
+        else:
+            self._run_action(model, action)
+        self._count(action, momentum)
+
+    def _next_action(self) -> tuple[str, float | None]:
+        """What the next ``update_parameters`` does, and with which momentum: ``"copy_all"``
+        (the first call), ``"average"``, ``"avg_func"`` (a custom rule), ``"copy"`` (between
+        averaging calls) or ``"sync"`` (a copy phase that does not count)."""
         steps = self._steps
         if steps == 0:
+            return "copy_all", 1.0
+        if steps % self.interval:
+            return "copy", None
+        if self._has_avg_func():
+            return "avg_func", None
+        return "average", self.momentum_at(steps)
+
+    def _run_action(self, model: nn.Module, action: str) -> None:
+        if action in ("copy_all", "sync"):
             self._engine.copy_(model, "all")
-            self._last_momentum = 1.0
-        elif steps % self.interval == 0:
-            if self._has_avg_func():
-                self._avg_func_update(model, steps)
-                self._last_momentum = None
-            else:
-                momentum = self.momentum_at(steps)
-                self._engine.average_(model, momentum)
-                self._last_momentum = momentum
-        else:
+        elif action == "avg_func":
+            self._avg_func_update(model, self._steps)
+        elif action == "copy":
             self._engine.copy_(model, "copy")
-        self._steps = steps + 1
+        else:  # pragma: no cover - "average" is run by the caller, possibly fused with others
+            raise AssertionError(action)
+
+    def _count(self, action: str, momentum: float | None) -> None:
+        if action == "sync":
+            return
+        if action != "copy":
+            self._last_momentum = momentum
+        self._steps += 1
 
     @property
     def current_momentum(self) -> float | None:
@@ -380,7 +408,7 @@ class BaseAveragedModel(nn.Module):
             warnings.warn(
                 f"{type(self).__name__}: the state dict has no 'steps'; starting from 0, so the next "
                 "update re-initialises the average from the model",
-                stacklevel=3,
+                stacklevel=_caller_stacklevel(),
             )
         self._steps = values.get("steps", 0)
 
@@ -489,9 +517,26 @@ class BaseAveragedModel(nn.Module):
         )
 
     def _apply(self, fn: Any, recurse: bool = True) -> BaseAveragedModel:
-        out = super()._apply(fn, recurse)
-        self._engine.invalidate()
+        # Tensors shared with the model (frozen="skip") are the model's: leave them alone.
+        shared = [(owner, key, owner.pop(key)) for owner, key in self._shared_slots()]
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            for owner, key, t in shared:
+                owner[key] = t
+            self._engine.invalidate()
         return out
+
+    def _shared_slots(self) -> list[tuple[dict, str]]:
+        if not self._skipped:
+            return []
+        paths = {"module." + p for p in self._skipped}
+        slots = []
+        for mod_name, mod in self.named_modules():
+            prefix = mod_name + "." if mod_name else ""
+            for table in (mod._parameters, mod._buffers):
+                slots += [(table, k) for k in table if prefix + k in paths]
+        return slots
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -503,7 +548,10 @@ class BaseAveragedModel(nn.Module):
         self._engine = self._make_engine()
 
     def extra_repr(self) -> str:
-        rule = "avg_func" if self._has_avg_func() else repr(self.schedule)
+        try:
+            rule = "avg_func" if self._has_avg_func() else repr(self.schedule)
+        except ValueError as e:  # e.g. CosineEMA before max_steps is known
+            rule = f"<{e}>"
         return f"steps={self._steps}, interval={self.interval}, rule={rule}"
 
 
@@ -548,7 +596,7 @@ class ExponentialMovingAverage(BaseAveragedModel):
                 f"momentum={momentum} is the weight of the new value and is usually small; "
                 f"did you mean momentum={1 - momentum:.6g} (a decay of {momentum})?",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=_caller_stacklevel(),
             )
         super().__init__(model, interval, device, update_buffers, dtype=dtype, compensate_interval=compensate_interval)
         self.momentum = float(momentum)
@@ -583,8 +631,7 @@ class MomentumAnnealingEMA(ExponentialMovingAverage):
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
     ) -> None:
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
-            raise ValueError(f"gamma must be > 0, got {gamma!r}")
+        MomentumAnnealing(momentum, gamma)  # validates (gamma finite and > 0)
         super().__init__(
             model, momentum, interval, device, update_buffers, dtype=dtype, compensate_interval=compensate_interval
         )
@@ -670,13 +717,16 @@ class RampUpEMA(BaseAveragedModel):
         """The decay :math:`\\beta` (not the momentum) at ``steps``, as mmagic's ``rampup``."""
         return RampUpMomentum(ema_kimg, ema_rampup, batch_size, eps).decay(int(steps))
 
-    def update_parameters(self, model: nn.Module) -> None:
-        """Copy ``model`` while fewer than ``start_iter`` calls were made, then average."""
+    def _next_action(self) -> tuple[str, float | None]:
+        # Copy the model while fewer than start_iter calls were made, then average.
         if self._start_calls < self.start_iter:
-            self.sync_parameters(model)
+            return "sync", None
+        return super()._next_action()
+
+    def _count(self, action: str, momentum: float | None) -> None:
+        if action == "sync":
             self._start_calls += 1
-            return
-        super().update_parameters(model)
+        super()._count(action, momentum)
 
     def _counters(self) -> dict[str, int]:
         counters = super()._counters()

@@ -39,8 +39,12 @@ class ParameterAverage:
     ``schedule`` at the update count). The average starts as a copy of the tensors, made at
     construction (as torch_ema and diffusers), and ``update()`` number :math:`n` is made at
     ``steps == n``, so ``schedule=NumUpdatesWarmup(decay)`` gives torch_ema's
-    ``use_num_updates=True`` numbers exactly. Floating tensors are averaged with one fused
-    kernel per (device, dtype), integer ones copied; low-precision tensors get an fp32 average.
+    ``use_num_updates=True`` numbers exactly. diffusers' ``EMAModel`` is one update behind:
+    its first ``step()`` copies again, so its warm-up at ``optimization_step`` :math:`n` is this
+    class's at ``steps`` :math:`n - 1`. Floating tensors are averaged with one fused kernel per
+    (device, dtype), integer ones copied; low-precision tensors get an fp32 average. Every
+    given tensor is averaged, trainable or not (diffusers copies those with
+    ``requires_grad=False``; use :class:`~polyak.AveragedModel` with ``frozen="copy"`` for that).
 
     Args:
         parameters: the tensors (e.g. ``model.parameters()``); kept by reference.
@@ -144,7 +148,8 @@ class ParameterAverage:
             yield
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"steps", "n_averaged", "module.<i>"...}``: the averaged model's state."""
+        """The averaged model's state: ``n_averaged`` (and ``steps`` when ``interval`` > 1) and
+        ``module.<i>`` for the i-th tensor."""
         return dict(self.average.state_dict())
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

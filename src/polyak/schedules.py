@@ -521,9 +521,10 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     .. math:: \\gamma^3 + 7\\gamma^2 + (16 - \\sigma_{\\text{rel}}^{-2})\\gamma
               + (12 - \\sigma_{\\text{rel}}^{-2}) = 0
 
-    (EDM2, Algorithm 2), found by bisection in float64 on :math:`\\gamma > -1`, where
-    :func:`gamma_to_sigma_rel` decreases monotonically. ``sigma_rel`` must be in
-    :math:`(0, 1/\\sqrt{12})`, the width at :math:`\\gamma \\to -1`... excluded.
+    (EDM2, Algorithm 2), found by bisection in float64 on the branch
+    :math:`\\gamma > (\\sqrt 5 - 3)/2`, where :func:`gamma_to_sigma_rel` decreases
+    monotonically from its maximum, about 0.3003, to 0. ``sigma_rel`` must be in
+    :math:`(0, 0.3003)`.
 
     >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 2)
     (16.97, 6.94)
@@ -653,7 +654,8 @@ def interval_momentum(momentum: Callable[[int], float], step: int, interval: int
 
         m_k(s) = 1 - \\prod_{j = s - k + 1}^{s} \\bigl(1 - m(j)\\bigr)
 
-    where :math:`m` is the schedule, :math:`s` is ``step`` and :math:`k` is ``interval``.
+    where :math:`m` is the schedule, :math:`s` is ``step`` and :math:`k` is ``interval`` (a
+    window reaching back before step 0 starts at 0).
     One update with :math:`m_k(s)` moves the average exactly as :math:`k` updates with
     :math:`m(s-k+1), \\dots, m(s)` would toward the same value, so the averaging horizon in
     training steps does not depend on :math:`k`. For a constant momentum this is
@@ -682,7 +684,7 @@ def _compensated(momentum: Callable[[int], float], step: int, interval: int, com
     if not compensate or interval == 1:
         return momentum(step)
     log_keep = 0.0
-    for j in range(step - interval + 1, step + 1):
+    for j in range(max(step - interval + 1, 0), step + 1):
         m = momentum(j)
         if m >= 1.0:
             return 1.0

@@ -1,0 +1,61 @@
+"""Several averages of one model, updated together in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+from torch import nn
+
+from .engine import average_many_
+from .models import BaseAveragedModel
+
+__all__ = ["AverageGroup"]
+
+
+class AverageGroup:
+    """Averages of the same model updated by one call that reads the model once for all.
+
+    .. math:: \\bar\\theta_i \\leftarrow (1 - m_i)\\,\\bar\\theta_i + m_i\\,\\theta, \\quad i = 1 \\dots N
+
+    where :math:`m_i` is average :math:`i`'s own (interval-compensated) momentum at its own
+    ``steps``: each average follows its counting rule exactly as if updated alone, with any
+    mix of schedules and intervals. Those that average on this call are updated by
+    :func:`polyak.engine.average_many_`: each chunk of the model's tensors is read from
+    memory once and folded into every average while it is in cache.
+
+    Args:
+        averages: the averages (a sequence, or a mapping from names), all built from the
+            same model.
+    """
+
+    def __init__(self, averages: Mapping[str, BaseAveragedModel] | Sequence[BaseAveragedModel]) -> None:
+        items = dict(averages) if isinstance(averages, Mapping) else {str(i): a for i, a in enumerate(averages)}
+        if not items:
+            raise ValueError("AverageGroup needs at least one average")
+        for name, a in items.items():
+            if not isinstance(a, BaseAveragedModel):
+                raise ValueError(f"average {name!r} is a {type(a).__name__}, not a polyak averaged model")
+        self.averages = items
+
+    def __iter__(self) -> Iterator[BaseAveragedModel]:
+        return iter(self.averages.values())
+
+    def __len__(self) -> int:
+        return len(self.averages)
+
+    def __getitem__(self, name: str) -> BaseAveragedModel:
+        return self.averages[name]
+
+    def update_parameters(self, model: nn.Module) -> None:
+        """One ``update_parameters(model)`` of every average, the averaging ones fused."""
+        for a in self:
+            a._check_not_swapped("update_parameters")
+        actions = [(a, *a._next_action()) for a in self]
+        fused = [(a, m) for a, action, m in actions if action == "average"]
+        if fused:
+            average_many_([a._engine for a, _ in fused], model, [m for _, m in fused])  # type: ignore[misc]
+        for a, action, _ in actions:
+            if action != "average":
+                a._run_action(model, action)
+        for a, action, m in actions:
+            a._count(action, m)
