@@ -6,6 +6,7 @@ from . import checkpoint, schedules
 from .averaged_model import AveragedModel
 from .bn import update_bn
 from .engine import AveragingEngine, canonical_name, flatten_parameters, unwrap_model
+from .group import AverageGroup
 from .hooks import EMAHook, OptimizerStepCounter
 from .models import (
     BaseAveragedModel,
@@ -17,6 +18,7 @@ from .models import (
     StochasticWeightAverage,
 )
 from .parameter_average import ParameterAverage
+from .posthoc import PostHocEMA
 from .rl import hard_update, soft_update
 
 __version__ = "0.1.0"
@@ -33,6 +35,8 @@ __all__ = [
     # the generic averaged model
     "AveragedModel",
     "ParameterAverage",
+    "AverageGroup",
+    "PostHocEMA",
     # reinforcement learning
     "soft_update",
     "hard_update",

@@ -55,14 +55,19 @@ AVERAGED_MODELS: dict[str, type[BaseAveragedModel]] = {
 class OptimizerStepCounter:
     """Counts the optimizer steps that really ran, via ``Optimizer.register_step_post_hook``.
 
-    A ``GradScaler`` that finds inf/NaN gradients does not call ``optimizer.step()``, so such a
-    step is not counted; with gradient accumulation ``step()`` runs once per cycle. Use
-    :meth:`advanced` to ask, once per batch, whether a new step was taken since the last ask.
+    A ``GradScaler`` that finds inf/NaN gradients does not call ``optimizer.step()`` of an
+    ordinary optimizer, so such a step is not counted; with gradient accumulation ``step()``
+    runs once per cycle. Fused optimizers (``fused=True`` Adam, AdamW, SGD) are the exception:
+    the scaler always calls their ``step()`` with ``optimizer.found_inf`` set and the kernel
+    skips the update itself, so for them the hook keeps ``found_inf`` and :meth:`advanced`
+    reads it (one host sync per optimizer step, only in that case). Use :meth:`advanced` to
+    ask, once per batch, whether a new step was taken since the last ask.
     """
 
     def __init__(self, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
         self.count = 0
         self._seen = 0
+        self._pending: list[torch.Tensor] = []  # found_inf of fused steps, not yet read
         self._handles: list[Any] = []
         self._hooked: set[int] = set()
         self.watch(optimizers)
@@ -80,10 +85,17 @@ class OptimizerStepCounter:
         return bool(self._handles)
 
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.count += 1
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor):
+            self._pending.append(found_inf)
+        else:
+            self.count += 1
 
     def advanced(self) -> bool:
         """True if at least one optimizer step ran since the previous call."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self.count += sum(1 for found_inf in pending if not bool(found_inf.item()))
         moved = self.count != self._seen
         self._seen = self.count
         return moved
@@ -101,6 +113,11 @@ def find_optimizers(obj: Any) -> list[torch.optim.Optimizer]:
     if obj is None:
         return []
     if isinstance(obj, torch.optim.Optimizer):
+        inner = getattr(obj, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer) and inner is not obj:
+            # accelerate's AcceleratedOptimizer subclasses Optimizer without its step hooks, and
+            # calls the inner step only when a step really happens: count the inner one.
+            return find_optimizers(inner)
         return [obj]
     if isinstance(obj, dict):
         return [o for v in obj.values() for o in find_optimizers(v)]
@@ -121,7 +138,9 @@ class EMAHook:
     below at the usual points:
 
     * ``before_run``: builds ``ema_type(model, **kwargs)`` from the unwrapped ``runner.model``
-      (and gives :class:`~polyak.CosineEMA` its ``max_steps`` from ``runner.max_iters``);
+      (and gives :class:`~polyak.CosineEMA` its ``max_steps``: ``runner.max_iters``, divided by
+      mmengine's gradient-accumulation count); a later run on the same model (``runner.test()``
+      after ``runner.train()``) keeps the average, so that the average is what is tested;
     * ``after_train_iter``: updates the average, once per optimizer step that ran (found
       through :class:`OptimizerStepCounter` on ``runner.optim_wrapper`` / ``runner.optimizer``
       when there is one, else every iteration), or copies the model before ``begin_iter`` /
@@ -131,14 +150,23 @@ class EMAHook:
     * ``before_save_checkpoint`` / ``after_load_checkpoint``: polyak's checkpoint format in its
       mmengine flavour (docs/checkpoint-format.md): ``state_dict`` holds the average,
       ``ema_state_dict`` the live weights under ``module.`` keys and ``steps``, so mmengine's own
-      hook reads it too; checkpoints written by mmengine's hook load as well.
+      hook reads it too; checkpoints written by mmengine's hook load as well. A checkpoint
+      written while the average is swapped in (``swap="epoch"``) still has the live weights
+      under ``ema_state_dict``. ``after_load_checkpoint`` puts the live weights back under
+      ``state_dict`` for the runner to load into the model, and on a resume (``runner._resume``,
+      True where the runner has no such attribute) restores the average; otherwise (mmengine's
+      ``load_from`` without ``resume``) the average starts from the checkpoint's ``state_dict``.
 
     mmcv 1.x's ``EMAHook(momentum, interval, warm_up, resume_from)`` translates as: ``momentum``
     and ``interval`` as they are (with interval compensation instead of mmcv's freezing
     ``momentum ** interval``); ``warm_up=w`` averages with mmcv's ``min(momentum,
-    (1+t)/(w+t))`` (:class:`~polyak.schedules.MMCVWarmup`); ``resume_from=path`` resumes from that
-    checkpoint in ``before_run``; ``swap="epoch"`` swaps at epoch boundaries as mmcv did
-    (average in after each training epoch, live weights back before the next).
+    (1+t)/(w+t))`` (:class:`~polyak.schedules.MMCVWarmup`, on an :class:`~polyak.AveragedModel`;
+    ``t`` counts optimizer steps, which is mmcv's ``runner.iter`` when every iteration steps);
+    ``resume_from=path`` resumes from that checkpoint in ``before_run`` (through
+    ``runner.resume(path)`` where the runner has one, which must call
+    ``after_load_checkpoint``; otherwise the hook loads the weights and the average itself);
+    ``swap="epoch"`` swaps at epoch boundaries as mmcv did (average in after each training
+    epoch, live weights back before the next, and at ``after_run``).
 
     Args:
         ema_type: an averaged-model class or its name (:data:`AVERAGED_MODELS`).
@@ -179,6 +207,8 @@ class EMAHook:
             raise ValueError(f"swap must be 'val', 'epoch' or None, got {swap!r}")
         if warm_up is not None:
             schedule = MMCVWarmup(kwargs.pop("momentum", 0.0002), warm_up)
+            if "update_buffers" in kwargs:  # AveragedModel's (torch's) name for it
+                kwargs["use_buffers"] = kwargs.pop("update_buffers")
             ema_type, kwargs = AveragedModel, {"schedule": schedule, **kwargs}
         self.ema_type = ema_type
         self.ema_cfg = kwargs
@@ -195,10 +225,16 @@ class EMAHook:
     # -- building ---------------------------------------------------------------------------
 
     def before_run(self, runner: Any) -> None:
-        self.src_model = unwrap_model(runner.model)
+        self._watch(runner)  # mmcv's runners have no before_train
+        model = self._unwrap(runner.model)
+        if self.ema_model is not None and self.src_model is model:
+            # A second run on the same runner (``runner.test()`` after ``runner.train()``):
+            # keep the average, so that it is what gets evaluated.
+            return
+        self.src_model = model
         self.ema_model = self.ema_type(self.src_model, **self.ema_cfg)
         if isinstance(self.ema_model, CosineEMA) and self.ema_model.max_steps is None:
-            self.ema_model.max_steps = int(runner.max_iters)
+            self.ema_model.max_steps = _total_optimizer_steps(runner)
         if self.resume_from is not None:
             if hasattr(runner, "resume"):
                 runner.resume(self.resume_from)
@@ -206,6 +242,10 @@ class EMAHook:
                 checkpoint = torch.load(self.resume_from, map_location="cpu", weights_only=True)
                 self.after_load_checkpoint(runner, checkpoint)
                 self.src_model.load_state_dict(checkpoint["state_dict"])
+
+    def _unwrap(self, model: nn.Module) -> nn.Module:
+        """The model to average: ``runner.model`` without DDP / DataParallel / compile wrappers."""
+        return unwrap_model(model)
 
     def before_train(self, runner: Any) -> None:
         max_iters = getattr(runner, "max_iters", None)
@@ -216,7 +256,13 @@ class EMAHook:
             raise ValueError(
                 f"begin_epoch={self.begin_epoch} is not below max_epochs={max_epochs}: nothing would average"
             )
-        self._steps.watch(find_optimizers(getattr(runner, "optim_wrapper", None) or getattr(runner, "optimizer", None)))
+        self._watch(runner)
+
+    def _watch(self, runner: Any) -> None:
+        optimizers = getattr(runner, "optim_wrapper", None)
+        if optimizers is None:
+            optimizers = getattr(runner, "optimizer", None)
+        self._steps.watch(find_optimizers(optimizers))
 
     # -- training -----------------------------------------------------------------------------
 
@@ -287,11 +333,23 @@ class EMAHook:
 
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
         assert self.ema_model is not None and self.src_model is not None
-        live = None
-        if self._swap is not None:  # never save the average as the live weights
-            self._swap_out()
+        swapped = self._swap is not None
+        if not swapped:
+            self._pack(checkpoint, live=None, clone=False)
+            return
+        # Saved while the average is swapped in (``swap="epoch"``: a checkpoint at the end of an
+        # epoch): the model holds the average and the average the live weights, and the
+        # framework's ``state_dict`` may alias the model's tensors. Swap back, write copies of
+        # both (the tensors change again when the average goes back in), then swap in again.
+        self._swap_out()
+        try:
             live = {k: v.detach().clone() for k, v in self.src_model.state_dict().items()}
+            self._pack(checkpoint, live=live, clone=True)
+        finally:
             self._swap_in()
+
+    def _pack(self, checkpoint: dict, *, live: dict | None, clone: bool) -> None:
+        assert self.ema_model is not None
         ckpt.pack(
             checkpoint,
             {"ema": self.ema_model},
@@ -300,6 +358,13 @@ class EMAHook:
             live_prefix="module.",
             live=live,
         )
+        # CPU tensors under both keys, as the framework's own ``state_dict`` (mmengine moves it
+        # to the CPU); ``clone`` also detaches them from the storage of the model and the average.
+        for key in ("state_dict", "ema_state_dict"):
+            checkpoint[key] = {
+                k: v.detach().to("cpu", copy=clone) if isinstance(v, torch.Tensor) else v
+                for k, v in checkpoint[key].items()
+            }
         checkpoint["ema_state_dict"]["steps"] = torch.tensor(self.ema_model.steps, dtype=torch.long)
 
     def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
@@ -329,3 +394,16 @@ class EMAHook:
         sd = {"module." + k: v for k, v in copy.copy(state_dict).items()}
         sd["steps"] = torch.tensor(max(self.ema_model.steps, 1), dtype=torch.long)
         self.ema_model.load_state_dict(sd, strict=self.strict_load)
+
+
+def _total_optimizer_steps(runner: Any) -> int | None:
+    """The number of optimizer steps of the whole run: ``runner.max_iters``, divided by the
+    gradient-accumulation count of mmengine's ``OptimWrapper`` (its last, partial cycle steps
+    too); None when the runner has no training loop (``runner.val()`` / ``runner.test()``)."""
+    try:
+        max_iters = int(runner.max_iters)
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    counts = getattr(getattr(runner, "optim_wrapper", None), "_accumulative_counts", 1)
+    counts = counts if isinstance(counts, int) and counts > 1 else 1
+    return max(1, -(-max_iters // counts))

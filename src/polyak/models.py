@@ -294,6 +294,23 @@ class BaseAveragedModel(nn.Module):
             self._last_momentum = momentum
         self._steps += 1
 
+    def pairs(self, model: nn.Module) -> Iterator[tuple[str, str, Tensor, Tensor]]:
+        """``(name, kind, averaged tensor, model tensor)`` for every tensor matched with
+        ``model`` (names without wrapper prefixes; kind ``"avg"`` or ``"copy"``; for a sharded
+        model, the local shards)."""
+        return iter(self._engine.pairs(model))
+
+    def tensor_kinds(self) -> dict[str, str]:
+        """What each tensor of ``.module`` is, by its name in ``module.state_dict()``:
+        ``"avg"`` (averaged), ``"copy"`` (copied from the model) or ``"skip"`` (shared with the
+        model)."""
+        return {e.path: self._engine.kind(e) for e in named_state(self.module).values()}
+
+    @property
+    def is_swapped(self) -> bool:
+        """Whether a :meth:`swapped` block is running."""
+        return self._swapped
+
     @property
     def current_momentum(self) -> float | None:
         """The weight of the model in the latest averaging update (1.0 for the initial copy;
