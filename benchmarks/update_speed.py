@@ -179,6 +179,30 @@ def measure(name: str, model_fn: Callable[[], nn.Module], peer: str, device: tor
     return {"peer": peer, "median_ms": 1e3 * statistics.median(times), "ratio": statistics.median(ratios)}
 
 
+def measure_group(model_fn: Callable[[], nn.Module], n: int, device: torch.device, repeats: int) -> dict:
+    """N EMAs of one model: N separate updates against one AverageGroup update."""
+    torch.manual_seed(0)
+    model = model_fn().to(device)
+    decays = [1 - 10.0 ** -(3 + i) for i in range(n)]
+    separate = [polyak.ExponentialMovingAverage(model, momentum=1 - d) for d in decays]
+    grouped = [polyak.ExponentialMovingAverage(model, momentum=1 - d) for d in decays]
+    group = polyak.AverageGroup(grouped)
+    for _ in range(3):
+        for e in separate:
+            e.update_parameters(model)
+        group.update_parameters(model)
+
+    def run_separate() -> None:
+        for e in separate:
+            e.update_parameters(model)
+
+    t_sep, t_grp = [], []
+    for _ in range(repeats):
+        t_sep.append(_timed(run_separate, device))
+        t_grp.append(_timed(lambda: group.update_parameters(model), device))
+    return {"separate_ms": 1e3 * statistics.median(t_sep), "group_ms": 1e3 * statistics.median(t_grp)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,6 +210,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2, help="independent runs, to report the spread")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--group", type=int, default=2, help="N averages updated together vs separately (0: skip)")
     args = ap.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, decay {DECAY}")
@@ -210,6 +235,12 @@ def main() -> None:
             spread = (max(rs) - min(rs)) / ratio
             print(f"| {peer:<22} | {ms:>11.2f} | {ratio:>8.2f} | {spread:>6.1%} |")
         print(f"| {'timm ModelEmaV3':<22} | {'n/a (not installable beside torch 2.13)':>32} |")
+        if args.group:
+            g = measure_group(MODELS[name], args.group, device, args.repeats)
+            print(
+                f"{args.group} EMAs of this model: {g['separate_ms']:.2f} ms as separate updates, "
+                f"{g['group_ms']:.2f} ms as one AverageGroup update ({g['separate_ms'] / g['group_ms']:.2f}x)"
+            )
 
 
 if __name__ == "__main__":
