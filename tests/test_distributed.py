@@ -36,7 +36,18 @@ def _free_port() -> int:
 
 
 def run_world(case: str, world: int, outdir: Path, **params: Any) -> list[dict[str, Any]]:
-    """Run ``case`` on ``world`` ranks and return what each rank wrote."""
+    """Run ``case`` on ``world`` ranks and return what each rank wrote. A port taken between
+    choosing it and binding it (another process on this machine) is retried with a new one."""
+    for attempt in range(3):
+        failure = _run_world_once(case, world, outdir, params)
+        if failure is None:
+            return [torch.load(outdir / f"{case}-{r}.pt", weights_only=False) for r in range(world)]
+        if "Address already in use" not in failure or attempt == 2:
+            pytest.fail(failure)
+    raise AssertionError("unreachable")
+
+
+def _run_world_once(case: str, world: int, outdir: Path, params: dict[str, Any]) -> str | None:
     torch.save(params, outdir / f"{case}-params.pt")
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -54,11 +65,12 @@ def run_world(case: str, world: int, outdir: Path, **params: Any) -> list[dict[s
                 start_new_session=True,
             )
         )
+    timed_out = False
     try:
         for p in procs:
             p.wait(timeout=DEADLINE_S)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"{case}: ranks did not finish within {DEADLINE_S} s")
+        timed_out = True
     finally:
         for p in procs:
             if p.poll() is None:
@@ -66,11 +78,13 @@ def run_world(case: str, world: int, outdir: Path, **params: Any) -> list[dict[s
                 p.wait()
         for log in logs:
             log.close()
+    if timed_out:
+        return f"{case}: ranks did not finish within {DEADLINE_S} s"
     failed = [r for r, p in enumerate(procs) if p.returncode != 0]
     if failed:
         text = (outdir / f"{case}-{failed[0]}.log").read_text()[-4000:]
-        pytest.fail(f"{case}: rank {failed[0]} exited with {procs[failed[0]].returncode}:\n{text}")
-    return [torch.load(outdir / f"{case}-{r}.pt", weights_only=False) for r in range(world)]
+        return f"{case}: rank {failed[0]} exited with {procs[failed[0]].returncode}:\n{text}"
+    return None
 
 
 # -- models and references --------------------------------------------------------------------
