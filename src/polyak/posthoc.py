@@ -66,7 +66,7 @@ class SnapshotError(ValueError):
 
 def averaged_time(steps: int, interval: int = 1) -> int:
     """The time :math:`T` of a power-function average after ``steps`` calls: one past the
-    last step it read, :math:`\\lfloor (s - 1)/k \rfloor k + 1` (``steps`` itself when
+    last step it read, :math:`\\lfloor (s - 1)/k \\rfloor k + 1` (``steps`` itself when
     ``interval`` is 1; calls after the last averaging one add nothing)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -75,9 +75,9 @@ def averaged_time(steps: int, interval: int = 1) -> int:
 
 def power_function_response(gamma: float, at_step: int, *, interval: int = 1) -> Tensor:
     """The weight each past step's weights receive in the power-function average after
-    ``at_step`` calls (float64, one entry per step :math:`\tau = 0 \\dots` ``at_step`` - 1).
+    ``at_step`` calls (float64, one entry per step :math:`\\tau = 0 \\dots` ``at_step`` - 1).
 
-    .. math:: w_T(\tau) = \frac{(\tau + 1)^{\\gamma + 1} - \tau^{\\gamma + 1}}{T^{\\gamma + 1}}
+    .. math:: w_T(\\tau) = \\frac{(\\tau + 1)^{\\gamma + 1} - \\tau^{\\gamma + 1}}{T^{\\gamma + 1}}
 
     where :math:`T` is :func:`averaged_time`. With ``interval`` :math:`k` only the steps the
     average read (0, k, 2k, ...) have weight, each the sum over the steps it stands for. The
@@ -199,7 +199,7 @@ def _read_snapshot(path: Path) -> Snapshot:
     if meta.get("format") != FORMAT:
         raise SnapshotError(f"{path} is not a polyak post-hoc snapshot (metadata format={meta.get('format')!r})")
     try:
-        return Snapshot(
+        snap = Snapshot(
             path=path,
             profile=meta["profile"],
             gamma=float(meta["gamma"]),
@@ -209,8 +209,21 @@ def _read_snapshot(path: Path) -> Snapshot:
             samples=int(meta["samples"]) if meta.get("samples") else None,
             copied=tuple(json.loads(meta.get("copied", "[]"))),
         )
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError) as e:
         raise SnapshotError(f"snapshot {path} has damaged metadata: {e}") from e
+    problems = []
+    if not (math.isfinite(snap.gamma) and snap.gamma > -1):
+        problems.append(f"gamma={snap.gamma} (must be finite and > -1)")
+    if snap.interval < 1:
+        problems.append(f"interval={snap.interval} (must be >= 1)")
+    elif snap.step < 1 or snap.time != averaged_time(snap.step, snap.interval):
+        problems.append(f"time={snap.time} does not follow from step={snap.step} and interval={snap.interval}")
+    named = _NAME.match(path.name)
+    if named is not None and int(named.group("step")) != snap.step:
+        problems.append(f"step={snap.step} but the file name says {int(named.group('step'))}")
+    if problems:
+        raise SnapshotError(f"snapshot {path} has impossible metadata: {'; '.join(problems)}")
+    return snap
 
 
 def find_snapshots(directory: str | os.PathLike[str]) -> list[Snapshot]:
@@ -412,8 +425,11 @@ class PostHocEMA(nn.Module):
     ) -> None:
         super().__init__()
         sigma_rels = tuple(float(s) for s in sigma_rels)
-        if not sigma_rels or len(set(sigma_rels)) != len(sigma_rels):
-            raise ValueError(f"sigma_rels must be distinct values, got {sigma_rels}")
+        names = [_profile_name(s) for s in sigma_rels]
+        if not sigma_rels or len(set(names)) != len(names):
+            raise ValueError(
+                f"sigma_rels must be distinct to 4 decimals (they name the snapshot files), got {sigma_rels}"
+            )
         if snapshot_every is not None:
             if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
                 raise ValueError(f"snapshot_every must be a positive int, got {snapshot_every!r}")
