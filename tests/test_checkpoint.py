@@ -366,11 +366,16 @@ def test_pack_arguments_are_checked() -> None:
     assert set(state["live_state_dict"]) == set(model.state_dict())
 
 
-def test_unpack_with_the_live_weights_missing_raises() -> None:
-    state, _ = _packed(["ema"])
+def test_unpack_without_live_weights_restores_the_averages_and_returns_none() -> None:
+    """A checkpoint converted from a library that saves only the average has no live weights."""
+    state, saved = _packed(["ema"])
     del state["live_state_dict"]
-    with pytest.raises(KeyError, match="live_state_dict"):
-        ck.unpack(state, build(make_net(20), ["ema"]))
+    fresh = build(make_net(20), ["ema"])
+    live, missing = ck.unpack(state, fresh)
+    assert live is None and missing == []
+    assert fresh["ema"].steps == saved["ema"].steps
+    for k, v in saved["ema"].state_dict().items():
+        assert torch.equal(fresh["ema"].state_dict()[k], v), k
 
 
 def test_averaged_weights_is_the_plain_average() -> None:

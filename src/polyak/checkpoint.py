@@ -25,8 +25,10 @@ __all__ = [
     "averaged_weights",
     "record",
     "pack",
+    "pack_state",
     "unpack",
     "has_averages",
+    "deployable_weights",
 ]
 
 #: The version of the layout written by this release.
@@ -139,6 +141,99 @@ def pack(
     return checkpoint
 
 
+#: The record fields :func:`pack_state` fills in when a saved state does not say.
+RECORD_DEFAULTS: dict[str, Any] = {
+    "schedule": None,
+    "counters": {},
+    "interval": 1,
+    "compensate_interval": True,
+    "update_buffers": False,
+}
+
+
+def pack_state(
+    checkpoint: dict[str, Any],
+    weights: Mapping[str, Tensor],
+    records: Mapping[str, Mapping[str, Any]],
+    *,
+    live: Mapping[str, Any] | None = None,
+    primary: str | None = None,
+    weights_key: str = "state_dict",
+    live_key: str = "live_state_dict",
+    live_prefix: str = "",
+) -> dict[str, Any]:
+    """:func:`pack` for averages known only from saved tensors and numbers (no averaged model
+    at hand: ``polyak convert`` reading another library's checkpoint). Writes the same layout,
+    in place, and returns ``checkpoint``.
+
+    Args:
+        checkpoint: the dict to write into.
+        weights: the primary average as a complete state dict that deploys it (plain names).
+        records: one record per average, by name (the first is the primary unless
+            ``primary`` says), with :func:`record`'s fields; ``class`` is required, missing
+            fields get :data:`RECORD_DEFAULTS`, ``dtype`` is computed, ``steps`` is left out
+            when unknown, and the primary's ``weights`` is None. Extra fields are kept.
+        live: the live weights, when known; otherwise ``live_key`` is left out of the
+            checkpoint (:func:`unpack` then cannot resume from it).
+        primary, weights_key, live_key, live_prefix: as :func:`pack`.
+    """
+    if not records:
+        raise ValueError("pack_state() needs at least one record")
+    names = list(records)
+    primary = names[0] if primary is None else primary
+    if primary not in records:
+        raise ValueError(f"primary {primary!r} is not one of the records {names}")
+    out_records: dict[str, dict[str, Any]] = {}
+    for name, rec in records.items():
+        if not rec.get("class"):
+            raise ValueError(f"record {name!r} names no class")
+        full = {**RECORD_DEFAULTS, **rec}
+        full["counters"] = {k: int(v) for k, v in dict(full["counters"] or {}).items()}
+        if full.get("steps") is None:
+            full.pop("steps", None)
+        own = weights if name == primary else full.get("weights")
+        full["dtype"] = _dtype_name(own) if own else None
+        full["weights"] = None if name == primary else full.get("weights")
+        out_records[name] = full
+    checkpoint[weights_key] = dict(weights)
+    if live is not None:
+        checkpoint[live_key] = {live_prefix + k: v for k, v in live.items()}
+    checkpoint[KEY] = {
+        "format_version": FORMAT_VERSION,
+        "weights_key": weights_key,
+        "live_key": live_key,
+        "live_prefix": live_prefix,
+        "primary": primary,
+        "averages": out_records,
+    }
+    return checkpoint
+
+
+def deployable_weights(checkpoint: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
+    """The state dict that deploys average ``name`` (default: the primary) of a checkpoint in
+    polyak's format: the primary's is the checkpoint's ``weights_key``; another's is the live
+    state with the record's averaged tensors in place of the live ones (as :func:`pack` builds
+    the primary's). Raises :class:`KeyError` naming what is missing."""
+    meta = _meta(checkpoint)
+    records = meta.get("averages", {})
+    name = meta.get("primary") if name is None else name
+    if name not in records:
+        raise KeyError(f"the checkpoint has no average {name!r}; it has {sorted(records)}")
+    if name == meta.get("primary"):
+        if meta["weights_key"] not in checkpoint:
+            raise KeyError(f"the checkpoint's primary average is under {meta['weights_key']!r}, which is absent")
+        return dict(checkpoint[meta["weights_key"]])
+    weights = records[name].get("weights")
+    if weights is None:
+        raise KeyError(f"average {name!r} has no weights in the checkpoint")
+    prefix = meta.get("live_prefix", "")
+    live = checkpoint.get(meta["live_key"])
+    if not isinstance(live, Mapping):
+        return dict(weights)
+    live = {k[len(prefix) :]: v for k, v in live.items() if k.startswith(prefix)}
+    return _merge_into(live, weights)
+
+
 def has_averages(checkpoint: Mapping[str, Any]) -> bool:
     """Whether ``checkpoint`` holds a polyak block."""
     return isinstance(checkpoint.get(KEY), Mapping)
@@ -165,8 +260,9 @@ def _state_for(average: BaseAveragedModel, rec: Mapping[str, Any], weights: Mapp
         if key is not None:
             sd["module." + name] = weights[key]
     for k, v in dict(rec.get("counters") or {}).items():
-        sd[k] = torch.tensor(int(v), dtype=torch.long)
-    if "steps" not in sd and "steps" in rec:
+        if v is not None:
+            sd[k] = torch.tensor(int(v), dtype=torch.long)
+    if "steps" not in sd and rec.get("steps") is not None:
         sd["steps"] = torch.tensor(int(rec["steps"]), dtype=torch.long)
     return sd
 
@@ -176,10 +272,11 @@ def unpack(
     averages: Mapping[str, BaseAveragedModel],
     *,
     strict: bool = True,
-) -> tuple[dict[str, Any], list[str]]:
+) -> tuple[dict[str, Any] | None, list[str]]:
     """Restore the named ``averages`` from ``checkpoint`` and return ``(live, missing)``.
 
-    ``live`` is the live (training) state dict to load into the model; ``missing`` names the
+    ``live`` is the live (training) state dict to load into the model (``None`` when the
+    checkpoint holds no live weights, as after converting an average saved alone); ``missing`` names the
     averages the checkpoint has no record of (a hook initialises those from the model).
     Every record is checked before any average changes, so a failure changes nothing.
     Raises :class:`KeyError` if the checkpoint has no polyak block.
@@ -187,8 +284,6 @@ def unpack(
     meta = _meta(checkpoint)
     weights_key, live_key = meta["weights_key"], meta["live_key"]
     prefix = meta.get("live_prefix", "")
-    if live_key not in checkpoint:
-        raise KeyError(f"the checkpoint's polyak block names live weights under {live_key!r}, which is absent")
     records = meta.get("averages", {})
     applies: list[Callable[[], None]] = []
     missing = []
@@ -216,5 +311,7 @@ def unpack(
         applies.append(apply)
     for apply in applies:
         apply()
+    if live_key not in checkpoint:  # e.g. converted from a library that saves only the average
+        return None, missing
     live = {k[len(prefix) :]: v for k, v in checkpoint[live_key].items() if k.startswith(prefix)}
     return live, missing

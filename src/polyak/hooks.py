@@ -374,7 +374,8 @@ class EMAHook:
             live, missing = ckpt.unpack(checkpoint, {"ema": self.ema_model}, strict=self.strict_load)
             if missing:
                 self._init_from(checkpoint["state_dict"])
-            checkpoint["state_dict"] = live
+            if live is not None:  # else the checkpoint's weights are all there is
+                checkpoint["state_dict"] = live
         elif "ema_state_dict" in checkpoint and resume:  # written by mmengine's EMAHook
             model_state, ema_state = checkpoint["state_dict"], checkpoint["ema_state_dict"]
             for k in list(ema_state):

@@ -329,6 +329,8 @@ class AveragingCallback(TrainerCallback):
         if weights_key not in state:
             state[weights_key] = model.state_dict() if model_loaded else _read_model_file(directory, model)
         live, missing = ckpt.unpack(state, self.averages, strict=strict)
+        if live is None:  # no live weights saved: keep the model's
+            live = model.state_dict()
         model.load_state_dict(live, strict=strict)
         self._pending_live = None if model_loaded else live
         if missing:

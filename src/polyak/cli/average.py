@@ -1,0 +1,309 @@
+"""``polyak average``: the uniform or weighted average of checkpoints, one tensor at a time."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["register", "run", "Averager", "Source"]
+
+
+def register(sub: Any) -> None:
+    from . import add_io_options
+
+    p = sub.add_parser(
+        "average",
+        help="average checkpoints (uniform, --weights, or the --last K), tensor by tensor",
+        description=(
+            "Average the weights of several checkpoints of one model into a state dict the model loads. "
+            "Floating tensors are averaged in float64 and written in the dtype of the last checkpoint; "
+            "integer and bool tensors (num_batches_tracked) are taken from the last checkpoint. "
+            "From a training checkpoint the weights are taken from --key, else from polyak's primary "
+            "average, else from 'state_dict' (or 'model', 'model_state_dict', 'module', ...), else the "
+            "file itself when it is a state dict. All files must hold the same names and shapes."
+        ),
+        epilog="examples:\n  polyak average ep8.pt ep9.pt ep10.pt -o soup.safetensors\n"
+        "  polyak average ckpts/*.safetensors --last 3 -o last3.safetensors\n"
+        "  polyak average a.pt b.pt c.pt --weights 0.2,0.3,0.5 -o weighted.pt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT", help=".pt/.pth/.ckpt or .safetensors files")
+    p.add_argument("--out", "-o", required=True, type=Path, help="output file (.safetensors, or .pt)")
+    p.add_argument(
+        "--weights",
+        metavar="W1,W2,...",
+        help="one weight per averaged file, in the order given (after --last); normalised to sum to 1",
+    )
+    p.add_argument("--last", type=int, metavar="K", help="average only the last K files in --sort order")
+    p.add_argument(
+        "--sort",
+        choices=("name", "mtime"),
+        default="name",
+        help="order for --last: by file name, numbers compared as numbers (ep9 < ep10; default), "
+        "or by modification time",
+    )
+    p.add_argument("--key", help="take the weights from this top-level key of every .pt file")
+    add_io_options(p)
+    p.set_defaults(run=run)
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def select(paths: Sequence[Path], last: int | None, sort: str) -> list[Path]:
+    """The files to average: all of them in the order given, or the last ``last`` in ``sort``
+    order (``"name"``: natural order of the file names; ``"mtime"``: modification time)."""
+    from . import CLIError
+
+    for p in paths:
+        if not p.exists():
+            raise CLIError(f"{p}: no such file")
+    if len(set(map(str, paths))) != len(paths):
+        raise CLIError("a file is given twice")
+    if last is None:
+        return list(paths)
+    if last < 1:
+        raise CLIError(f"--last must be >= 1, got {last}")
+    if last > len(paths):
+        raise CLIError(f"--last {last} but only {len(paths)} files are given")
+    key = _natural_key if sort == "name" else (lambda p: (p.stat().st_mtime_ns, _natural_key(p)))
+    return sorted(paths, key=key)[-last:]
+
+
+def parse_weights(text: str | None, n: int) -> list[float]:
+    """``n`` weights summing to 1: uniform, or ``text`` (comma-separated) normalised."""
+    from . import CLIError
+
+    if text is None:
+        return [1.0 / n] * n
+    try:
+        values = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError as e:
+        raise CLIError(f"--weights must be numbers separated by commas, got {text!r}") from e
+    if len(values) != n:
+        raise CLIError(f"--weights has {len(values)} values for {n} files")
+    if not all(math.isfinite(w) for w in values):
+        raise CLIError(f"--weights must be finite, got {text!r}")
+    total = math.fsum(values)
+    if total == 0:
+        raise CLIError("--weights sum to 0")
+    return [w / total for w in values]
+
+
+class Source:
+    """One input's weights, read lazily: a safetensors file through ``safe_open`` (one tensor
+    at a time), a ``torch.save`` zip file memory-mapped (tensors paged in when used). A legacy
+    (non-zip) ``.pt`` file cannot be mapped: it is loaded whole, only while it is being
+    read (``lazy`` False)."""
+
+    def __init__(self, path: Path, args: argparse.Namespace) -> None:
+        from ..formats import SafetensorsFile, sniff
+
+        self.path, self._args = path, args
+        self.kind = sniff(path)
+        self.lazy = self.kind in ("safetensors", "zip")
+        self._sf: SafetensorsFile | None = None
+        self._state: dict[str, Tensor] | None = None
+        self.where = ""
+
+    def open(self) -> None:
+        from ..formats import SafetensorsFile, model_state_dict
+        from . import read
+
+        if self.kind == "safetensors":
+            self._sf = SafetensorsFile(self.path)
+            self.where = "safetensors"
+            return
+        loaded = read(self._args, self.path, mmap=True)
+        try:
+            self._state, self.where = model_state_dict(loaded.obj, key=self._args.key)
+        except ValueError as e:
+            raise type(e)(f"{self.path}: {e}") from e
+
+    def close(self) -> None:
+        self._state = None  # the mapped or loaded tensors go with it
+        self._sf = None
+
+    def layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        if self._sf is not None:
+            return {k: (self._sf.shape(k), self._sf.dtype(k)) for k in self._sf.keys()}
+        assert self._state is not None
+        return {k: (tuple(v.shape), v.dtype) for k, v in self._state.items()}
+
+    def get(self, key: str) -> Tensor:
+        if self._sf is not None:
+            return self._sf.get(key)
+        assert self._state is not None
+        return self._state[key]
+
+
+def _averaged(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _check_layouts(sources: Sequence[Source], layouts: Sequence[dict[str, Any]]) -> None:
+    from . import CLIError
+
+    first, ref = sources[0], layouts[0]
+    for src, lay in zip(sources[1:], layouts[1:], strict=True):
+        missing, extra = sorted(set(ref) - set(lay)), sorted(set(lay) - set(ref))
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            if extra:
+                parts.append(f"has extra {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+            raise CLIError(f"{src.path} does not hold the same tensors as {first.path}: it " + " and ".join(parts))
+        for k, (shape, dtype) in ref.items():
+            other_shape, other_dtype = lay[k]
+            if other_shape != shape:
+                raise CLIError(f"tensor {k!r} has shape {shape} in {first.path} but {other_shape} in {src.path}")
+            if _averaged(other_dtype) != _averaged(dtype):
+                raise CLIError(f"tensor {k!r} is {dtype} in {first.path} but {other_dtype} in {src.path}")
+
+
+def _wide(t: Tensor) -> Tensor:
+    """A float64 (complex128) copy: never the input itself, which may be a read-only mapping."""
+    return t.to(torch.complex128 if t.is_complex() else torch.float64, copy=True)
+
+
+class Averager:
+    """The weighted average of the inputs' weights, produced one tensor at a time.
+
+    Memory: safetensors inputs are read through ``safe_open`` and ``torch.save`` zip inputs
+    (every ``.pt`` written by torch >= 1.6) through a memory map, one tensor at a time, so
+    besides the output the process holds two float64 buffers of the largest tensor (reused),
+    one input and one output tensor; with a ``.safetensors`` output nothing more (each averaged
+    tensor is written as soon as it is made), with a ``.pt`` output the whole output
+    (``torch.save`` needs it). Pages of the
+    mapped inputs show in the resident size as page cache; the kernel drops them under memory
+    pressure. A legacy (non-zip) ``.pt`` input cannot be mapped: then the files are read one
+    at a time, each whole, into float64 accumulators for every floating tensor (about twice
+    the output for float32 weights, plus one input file).
+    """
+
+    def __init__(self, paths: Sequence[Path], weights: Sequence[float], args: argparse.Namespace) -> None:
+        self.weights = list(weights)
+        self.args = args
+        self.sources = [Source(p, args) for p in paths]
+        layouts = []
+        for src in self.sources:  # names, shapes and dtypes before any data is read
+            src.open()
+            layouts.append(src.layout())
+            if not src.lazy:
+                src.close()
+        _check_layouts(self.sources, layouts)
+        self.keys = list(layouts[0])
+        #: name -> (shape, dtype) of the output: the dtypes of the last input
+        self.layout = {k: layouts[-1][k] for k in self.keys}
+        self.streaming = all(s.lazy for s in self.sources)
+
+    @property
+    def wheres(self) -> list[str]:
+        return [s.where for s in self.sources]
+
+    def __iter__(self) -> Iterator[tuple[str, Tensor]]:
+        try:
+            if self.streaming:
+                yield from self._by_tensor()
+            else:
+                yield from self._by_file().items()
+        finally:
+            for s in self.sources:
+                s.close()
+
+    def _by_tensor(self) -> Iterator[tuple[str, Tensor]]:
+        # Two float64 buffers of the largest averaged tensor, reused for every tensor: no
+        # allocation of accumulator size per tensor (which fragments the heap), and the same
+        # numbers as summing fresh float64 copies.
+        sizes = [math.prod(shape) for shape, dtype in self.layout.values() if dtype.is_floating_point]
+        acc_buf = torch.empty(max(sizes, default=0), dtype=torch.float64)
+        tmp_buf = torch.empty_like(acc_buf)
+        last = self.sources[-1]
+        for k in self.keys:
+            shape, dtype = self.layout[k]
+            if not _averaged(dtype):
+                yield k, last.get(k).clone()
+                continue
+            if dtype.is_complex:
+                acc_c = None
+                for w, src in zip(self.weights, self.sources, strict=True):
+                    t = _wide(src.get(k))
+                    acc_c = t.mul_(w) if acc_c is None else acc_c.add_(t, alpha=w)
+                assert acc_c is not None
+                yield k, acc_c.to(dtype)
+                continue
+            n = math.prod(shape)
+            acc, tmp = acc_buf[:n].view(shape), tmp_buf[:n].view(shape)
+            for i, (w, src) in enumerate(zip(self.weights, self.sources, strict=True)):
+                if i == 0:
+                    acc.copy_(src.get(k)).mul_(w)
+                else:
+                    acc.add_(tmp.copy_(src.get(k)), alpha=w)
+            yield k, acc.to(dtype, copy=True)
+
+    def _by_file(self) -> dict[str, Tensor]:
+        from . import progress
+
+        accs: dict[str, Tensor] = {}
+        out: dict[str, Tensor] = {}
+        n = len(self.sources)
+        pairs = list(zip(self.weights, self.sources, strict=True))
+        for i, (w, src) in enumerate(progress(self.args, pairs, desc="reading", unit="file")):
+            if not src.lazy:
+                src.open()
+            for k in self.keys:
+                t = src.get(k)
+                if _averaged(self.layout[k][1]):
+                    if k in accs:
+                        accs[k].add_(_wide(t), alpha=w)
+                    else:
+                        accs[k] = _wide(t).mul_(w)
+                elif i == n - 1:
+                    out[k] = t.clone()
+            src.close()
+        for k in self.keys:
+            if k in accs:
+                out[k] = accs.pop(k).to(self.layout[k][1])
+        return {k: out[k] for k in self.keys}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..formats import check_output, save_weights
+    from . import human_bytes, progress, say
+
+    paths = select(args.checkpoints, args.last, args.sort)
+    weights = parse_weights(args.weights, len(paths))
+    out = check_output(args.out, paths)
+    if args.last is not None:
+        order = "file name (numbers as numbers)" if args.sort == "name" else "modification time"
+        say(args, f"averaging the last {len(paths)} of {len(args.checkpoints)} files by {order}:")
+    else:
+        say(args, f"averaging {len(paths)} files:")
+    for p, w in zip(paths, weights, strict=True):
+        say(args, f"  {w:.6g}  {p}")
+    averager = Averager(paths, weights, args)
+    metadata = {
+        "format": "polyak-average",
+        "method": "uniform" if args.weights is None else "weighted",
+        "inputs": json.dumps([p.name for p in paths]),
+        "weights": json.dumps(weights),
+        "taken_from": json.dumps(sorted(set(averager.wheres))),
+    }
+    tensors = progress(args, averager, desc="averaging", total=len(averager.keys))
+    save_weights(out, tensors, metadata, layout=averager.layout)
+    size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in averager.layout.values())
+    say(args, f"wrote {len(averager.layout)} tensors ({human_bytes(size)}) to {out}")
+    return 0

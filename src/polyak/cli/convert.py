@@ -1,0 +1,102 @@
+"""``polyak convert``: read the average another library saved and write polyak's checkpoint format."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["register", "run"]
+
+
+def register(sub: Any) -> None:
+    from . import add_io_options, add_source_options
+
+    p = sub.add_parser(
+        "convert",
+        help="convert another library's saved average to polyak's checkpoint format",
+        description=(
+            "Read the average another library saved (mmengine EMAHook, mmcv 1.x EMAHook, timm "
+            "state_dict_ema, torch AveragedModel, Lightning WeightAveraging, torch_ema, diffusers "
+            "EMAModel, ema-pytorch) and write polyak's checkpoint format (docs/checkpoint-format.md): "
+            "'state_dict' = the averaged weights (a complete state dict), 'live_state_dict' = the live "
+            "weights where the file has them, and the 'polyak' block with the record: class, schedule "
+            "where the file says it, counters and steps. The format is detected (--format to force it). "
+            "torch_ema and diffusers save their tensors by position: --names-from names them."
+        ),
+        epilog="examples:\n  polyak convert work_dirs/iter_1000.pth -o iter_1000.polyak.pt        # mmengine\n"
+        "  polyak convert ema_state.pt --names-from model.pt -o ema.polyak.pt   # torch_ema, diffusers\n"
+        "  polyak convert model_best.pth.tar -o best.polyak.pt --decay 0.9998    # timm (decay not saved)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="the other library's checkpoint")
+    p.add_argument("--out", "-o", required=True, type=Path, help="output file (.pt, .pth or .ckpt)")
+    p.add_argument("--name", default="ema", help="the average's name in the polyak block (default: ema)")
+    p.add_argument(
+        "--class",
+        dest="cls",
+        metavar="CLASS",
+        help="record this polyak class instead of the one inferred (the class a resume builds)",
+    )
+    p.add_argument(
+        "--decay",
+        type=float,
+        help="record a constant decay (ConstantMomentum) where the file does not say its schedule",
+    )
+    p.add_argument("--steps", type=int, help="record this update count where the file does not say it")
+    add_source_options(p)
+    add_io_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import checkpoint as ckpt
+    from ..formats import check_output, save_checkpoint
+    from ..schedules import ConstantMomentum
+    from . import CLIError, find_average, human_bytes, progress, say
+
+    out = check_output(args.out, [args.checkpoint] + ([args.names_from] if args.names_from else []))
+    if out.suffix == ".safetensors":
+        raise CLIError("a polyak training checkpoint holds more than tensors: write it as .pt, .pth or .ckpt")
+    _, found = find_average(args, args.checkpoint)
+    if found.format == "polyak":
+        raise CLIError(f"{args.checkpoint} is already in polyak's format (use 'polyak export' for plain weights)")
+    record = dict(found.record)
+    if args.cls:
+        record["class"] = args.cls
+    if args.decay is not None:
+        if not (0.0 <= args.decay < 1.0 and math.isfinite(args.decay)):
+            raise CLIError(f"--decay must be in [0, 1), got {args.decay}")
+        if record.get("schedule") is not None:
+            say(args, f"note: --decay replaces the schedule read from the file, {record['schedule']}")
+        record["schedule"] = ConstantMomentum(decay=args.decay).to_dict()
+    if args.steps is not None:
+        if args.steps < 0:
+            raise CLIError(f"--steps must be >= 0, got {args.steps}")
+        counter = "n_averaged" if record["class"] == "AveragedModel" else "steps"
+        record["steps"] = args.steps
+        record["counters"] = {counter: args.steps}
+    record["source"] = {
+        **dict(record.get("source") or {}),
+        "file": args.checkpoint.name,
+        "key": found.key,
+        "notes": list(found.notes),
+    }
+    weights = {k: v for k, v in progress(args, list(found.weights.items()), desc="converting") if isinstance(v, Tensor)}
+    checkpoint = ckpt.pack_state({}, weights, {args.name: record}, live=found.live)
+    save_checkpoint(out, checkpoint)
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+    if found.live is None:
+        say(args, "note: the file holds no live weights: the output has no live_state_dict")
+    if record.get("steps") is None:
+        say(args, "note: the update count is unknown (--steps gives it): a resume would restart the average")
+    say(
+        args,
+        f"wrote {out}: {found.format} average {args.name!r} as {record['class']} "
+        f"({len(weights)} tensors, {human_bytes(size)}), schedule {record.get('schedule')}, "
+        f"steps {record.get('steps')}",
+    )
+    return 0

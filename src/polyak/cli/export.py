@@ -1,0 +1,101 @@
+"""``polyak export``: the averaged weights of a training checkpoint as a plain state dict."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["register", "run", "export_metadata"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def register(sub: Any) -> None:
+    from . import add_io_options, add_source_options
+
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint's averaged weights as a plain state dict (.safetensors or .pt)",
+        description=(
+            "Write the averaged weights of a training checkpoint (polyak's format, or any format "
+            "'polyak convert' reads) as a state dict the model loads directly, labelled as averaged "
+            "in the file's metadata (method, decay or sigma_rel, step, source). .safetensors: the "
+            "metadata are the file's string metadata; .pt: torch.save({'state_dict': weights, "
+            "'metadata': {...}}), which loads with weights_only=True."
+        ),
+        epilog="examples:\n  polyak export epoch_12.pth -o ema.safetensors\n"
+        "  polyak export last.ckpt -o ema.pt --dtype bfloat16\n"
+        "  polyak export run.pt --key ema --names-from model.pt -o ema.safetensors   # torch_ema state",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a training checkpoint holding an average")
+    p.add_argument("--out", "-o", required=True, type=Path, help="output file (.safetensors, or .pt)")
+    p.add_argument(
+        "--average",
+        metavar="NAME",
+        help="which average of a polyak checkpoint that holds several (default: the primary one)",
+    )
+    p.add_argument("--dtype", choices=sorted(_DTYPES), help="cast the floating tensors to this dtype")
+    add_source_options(p)
+    add_io_options(p)
+    p.set_defaults(run=run)
+
+
+def export_metadata(record: dict[str, Any], *, name: str, fmt: str, source: Path) -> dict[str, str]:
+    """The labels of an exported average (strings, for safetensors): ``averaged``,
+    ``method``, ``class``, ``schedule`` (JSON), ``decay`` / ``momentum`` / ``sigma_rel`` /
+    ``gamma`` where the schedule says, ``step``, ``average``, ``source_format``, ``source``."""
+    from ..formats import schedule_summary
+
+    meta: dict[str, str] = {"format": "polyak-export", "averaged": "true", "average": name}
+    summary = schedule_summary(record.get("schedule"))
+    meta["method"] = str(summary.get("method") or record.get("class") or "unknown")
+    meta["class"] = str(record.get("class"))
+    if record.get("schedule") is not None:
+        meta["schedule"] = json.dumps(record["schedule"], sort_keys=True)
+    for k in ("decay", "momentum", "sigma_rel", "gamma"):
+        if k in summary:
+            meta[k] = repr(float(summary[k]))
+    if record.get("steps") is not None:
+        meta["step"] = str(int(record["steps"]))
+    meta["source_format"] = fmt
+    meta["source"] = source.name
+    return meta
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import checkpoint as ckpt
+    from ..formats import check_output, save_weights
+    from . import CLIError, find_average, human_bytes, progress, say
+
+    out = check_output(args.out, [args.checkpoint] + ([args.names_from] if args.names_from else []))
+    loaded, found = find_average(args, args.checkpoint)
+    name = found.primary
+    weights: dict[str, Any] = found.weights
+    if args.average is not None and args.average != found.primary:
+        if found.format != "polyak":
+            raise CLIError(f"--average: a {found.format} checkpoint holds one average")
+        if args.average not in found.records:
+            raise CLIError(f"no average {args.average!r} in {args.checkpoint}; it has {sorted(found.records)}")
+        name = args.average
+        obj = loaded.obj if not found.key else loaded.obj[found.key]
+        weights = ckpt.deployable_weights(obj, name)
+    dtype = _DTYPES.get(args.dtype) if args.dtype else None
+    state: dict[str, Tensor] = {}
+    for k, v in progress(args, list(weights.items()), desc="exporting"):
+        if not isinstance(v, Tensor):
+            continue
+        state[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    if not state:
+        raise CLIError(f"{args.checkpoint}: the average holds no tensors")
+    metadata = export_metadata(found.records[name], name=name, fmt=found.format, source=args.checkpoint)
+    save_weights(out, state, metadata)
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    label = ", ".join(f"{k}={metadata[k]}" for k in ("method", "decay", "sigma_rel", "step") if k in metadata)
+    say(args, f"wrote {len(state)} tensors ({human_bytes(size)}) of the {found.format} average ({label}) to {out}")
+    return 0
