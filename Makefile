@@ -7,14 +7,24 @@ PIP := $(PY) -m pip
 # declares only the minimum that users need.
 TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+# Extra flags for `polyak demo`, e.g. make demo DEMO_ARGS="--seed 1 --out docs/figures"
+DEMO_ARGS ?=
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench clean demo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[test]" $(TORCH)
+	$(PIP) install -q -e ".[test,demo]" $(TORCH)
 	touch $(STAMP)
+
+# `make demo` installs only what the demo needs (the demo extra), not the test extras.
+$(DEMO_STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e ".[demo]" $(TORCH)
+	touch $(DEMO_STAMP)
 
 install: $(STAMP)
 
@@ -28,6 +38,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/update_speed.py
+
+demo: $(DEMO_STAMP)
+	$(VENV)/bin/polyak demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
