@@ -210,9 +210,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2, help="independent runs, to report the spread")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--group", type=int, default=2, help="N averages updated together vs separately (0: skip)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, decay {DECAY}")
     for name in args.models.split(","):
         model = MODELS[name]()

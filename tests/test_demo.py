@@ -169,3 +169,13 @@ def test_bad_flag_subprocess(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip() == "polyak demo: error: --steps must be at least 20, got 3"
     assert proc.stdout == ""
+
+
+def test_missing_extra_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if polyak[demo] were not installed
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("polyak demo: error: the demo needs sklearn"), err
+    assert "polyak[demo]" in err

@@ -62,7 +62,7 @@ def register(sub: Any) -> None:
         "demo",
         help="train a small CNN on digits and compare live weights, EMA, SWA and post-hoc EMA",
         description=(
-            "Train a small convolutional network on scikit-learn's 8x8 digits (on the CPU, about a "
+            "Train a small convolutional network on scikit-learn's 8x8 digits (on the CPU, about half a "
             "minute) with a constant learning rate and noisy training labels, tracking the live "
             "weights, EMA at decays 0.99 and 0.999, SWA over the last quarter (with update_bn) and "
             "a post-hoc EMA side by side. Prints a table of the final test accuracy and loss and "
