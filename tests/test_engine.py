@@ -633,6 +633,8 @@ def engine_limits(request, monkeypatch) -> None:
         if not hasattr(engine_mod, attr):
             pytest.skip(f"polyak.engine has no {attr} any more")
         monkeypatch.setattr(engine_mod, attr, value)
+    if gather is not None:
+        monkeypatch.setattr(engine_mod, "GATHER_MIN_RUN", 2)  # gather this small model's short runs too
 
 
 def wide_net(seed: int, dtype: torch.dtype) -> nn.Module:

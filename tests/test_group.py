@@ -224,6 +224,7 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine, "SHARED_READ_CHUNK", 64)
     monkeypatch.setattr(engine, "STAGING_CHUNK", 100)
     monkeypatch.setattr(engine, "GATHER_MAX_NUMEL", 16)
+    monkeypatch.setattr(engine, "GATHER_MIN_RUN", 2)
 
 
 def _f64(m: nn.Module) -> dict[str, Tensor]:

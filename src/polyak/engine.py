@@ -64,6 +64,9 @@ SHARED_READ_CHUNK = 1 << 18
 #: Source tensors of at most this many elements are gathered by one ``cat`` per chunk rather
 #: than updated one dispatch each, where that is faster (the CPU, and across devices).
 GATHER_MAX_NUMEL = 4096
+#: ... and only in runs of at least this many tensors: a cat and a lerp for two BatchNorm
+#: tensors cost more than their two entries in the multi-tensor kernel.
+GATHER_MIN_RUN = 8
 
 Weight = Union[float, Tensor]  # noqa: UP007 (a runtime alias)
 """The weight of the source in an update: a host float, or a 0-d tensor on the average's
@@ -313,10 +316,10 @@ def _plan_average(dst: list[Tensor], src: list[Tensor], *, mismatch: bool) -> _G
         if gather and small(i):
             while j + 1 < n and small(j + 1) and _adjacent(dst[j], dst[j + 1]):
                 j += 1
-        if j > i:
+        if j + 1 - i >= GATHER_MIN_RUN:
             runs.append((i, j + 1))
         else:
-            rest.append(i)
+            rest.extend(range(i, j + 1))
         i = j + 1
 
     batches = []
@@ -635,6 +638,10 @@ def _aligned(groups: Sequence[_Group]) -> bool:
         and len(g.gathered) == len(g0.gathered)
         and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(g.dst, g0.dst, strict=True))
         and all(a[0].dtype == b[0].dtype for a, b in zip(g.gathered, g0.gathered, strict=True))
+        and all(
+            len(a[0]) == len(b[0]) and a[2][0].dtype == b[2][0].dtype and a[2][0].device == b[2][0].device
+            for a, b in zip(g.staged, g0.staged, strict=True)
+        )
         for g in groups[1:]
     )
 
