@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+import polyak.formats
 from polyak import AveragedModel, PostHocEMA
 from polyak.posthoc import (
     SnapshotError,
@@ -458,12 +458,12 @@ def test_interrupted_snapshot_leaves_the_previous_file_intact(tmp_path: Path, mo
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert len(before) == 2
 
-    def failing_save(tensors: dict, filename: str, metadata: dict | None = None) -> None:
-        with open(filename, "wb") as f:  # a partial write, then the failure
+    def failing_save(path: Path, layout: dict, tensors: object, metadata: dict | None = None) -> None:
+        with open(path, "wb") as f:  # a partial write, then the failure
             f.write(b"\x00" * 17)
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    monkeypatch.setattr(polyak.formats, "write_safetensors", failing_save)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -486,11 +486,11 @@ def test_interrupted_snapshot_leaves_the_previous_file_intact(tmp_path: Path, mo
 def test_interrupted_synthesis_output_leaves_nothing(
     recorded: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def failing_save(tensors: dict, filename: str, metadata: dict | None = None) -> None:
-        Path(filename).write_bytes(b"partial")
+    def failing_save(path: Path, layout: dict, tensors: object, metadata: dict | None = None) -> None:
+        Path(path).write_bytes(b"partial")
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    monkeypatch.setattr(polyak.formats, "write_safetensors", failing_save)
     with pytest.raises(OSError):
         synthesize(recorded[torch.float16], 0.07, out=tmp_path / "avg.safetensors")
     assert list(tmp_path.iterdir()) == []

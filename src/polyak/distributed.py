@@ -19,11 +19,8 @@ file the unsharded model loads.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -216,20 +213,6 @@ def iter_full_state(average: nn.Module, *, rank: int = 0) -> Iterator[tuple[str,
         del full
 
 
-_ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
 def export_full(
     average: nn.Module,
     path: str | os.PathLike[str] | None = None,
@@ -248,44 +231,18 @@ def export_full(
     """
     if sync_buffers:
         all_reduce_buffers(average)
+    from .formats import atomic_write, write_safetensors
+
     me = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     if path is not None and str(path).endswith(".safetensors"):
         module = getattr(average, "module", average)
-        header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
-        offset = 0
-        for name, t in module.state_dict().items():
-            if t.dtype not in _ST_DTYPES:
-                raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot hold")
-            nbytes = t.numel() * t.element_size()
-            header[name] = {
-                "dtype": _ST_DTYPES[t.dtype],
-                "shape": list(t.shape),
-                "data_offsets": [offset, offset + nbytes],
-            }
-            offset += nbytes
-        target = Path(path)
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        f = open(tmp, "wb") if me == rank else None
-        try:
-            if f is not None:
-                blob = json.dumps(header, separators=(",", ":")).encode()
-                blob += b" " * (-len(blob) % 8)
-                f.write(struct.pack("<Q", len(blob)))
-                f.write(blob)
-            for _, full in iter_full_state(average, rank=rank):
-                if f is not None and full is not None:
-                    f.write(full.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-            if f is not None:
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            if f is not None:
-                f.close()
-                tmp.unlink(missing_ok=True)
-            raise
-        if f is not None:
-            f.close()
-            os.replace(tmp, target)
+        layout = {name: (tuple(t.shape), t.dtype) for name, t in module.state_dict().items()}
+        stream = iter_full_state(average, rank=rank)
+        if me == rank:
+            atomic_write(path, lambda tmp: write_safetensors(tmp, layout, stream, metadata))  # type: ignore[arg-type]
+        else:
+            for _ in stream:  # take part in every gather
+                pass
         return None
     out: dict[str, Tensor] = {}
     for name, full in iter_full_state(average, rank=rank):
@@ -294,8 +251,5 @@ def export_full(
     if me != rank:
         return None
     if path is not None:
-        target = Path(path)
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        torch.save(out, tmp)
-        os.replace(tmp, target)
+        atomic_write(path, lambda tmp: torch.save(out, tmp))
     return out

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import formats
 from .averaged_model import AveragedModel
 from .group import AverageGroup
 from .schedules import PowerFunction, gamma_to_sigma_rel, sigma_rel_to_gamma
@@ -345,7 +346,7 @@ def synthesize(
             raise SnapshotError(f"snapshot {snap.path} could not be read: {e}") from e
     result = {k: acc[k] for k in (keys or [])}
     if out is not None:
-        _atomic_write(result, Path(out), {"format": "polyak-posthoc-synthesis", **_plan_metadata(plan)})
+        formats.save_weights(out, result, {"format": "polyak-posthoc-synthesis", **_plan_metadata(plan)})
     return result
 
 
@@ -359,24 +360,6 @@ def _plan_metadata(plan: SynthesisPlan) -> dict[str, str]:
         "snapshots": json.dumps([s.path.name for s in plan.snapshots]),
         "coefficients": json.dumps(plan.coefficients.tolist()),
     }
-
-
-def _atomic_write(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        else:
-            torch.save({"state_dict": tensors, "metadata": metadata}, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 # -- during training ------------------------------------------------------------------------------
@@ -518,7 +501,7 @@ class PostHocEMA(nn.Module):
                 "copied": json.dumps(copied),
             }
             path = self.snapshot_dir / f"{_profile_name(s)}-{step:09d}.safetensors"
-            _atomic_write(tensors, path, metadata)
+            formats.save_weights(path, tensors, metadata)
             paths.append(path)
         return paths
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import weakref
 
-import torch
 from torch import Tensor, nn
 
 from .engine import AveragingEngine
@@ -59,10 +58,3 @@ def hard_update(target: nn.Module, online: nn.Module) -> None:
     .. math:: \\theta_{\\text{target}} \\leftarrow \\theta_{\\text{online}}
     """
     _engine(target, False).copy_(online, "all")
-
-
-def _clear_cache() -> None:  # for tests
-    _ENGINES.clear()
-
-
-del torch
