@@ -42,7 +42,8 @@ def run_world(case: str, world: int, outdir: Path, **params: Any) -> list[dict[s
         failure = _run_world_once(case, world, outdir, params)
         if failure is None:
             return [torch.load(outdir / f"{case}-{r}.pt", weights_only=False) for r in range(world)]
-        if "Address already in use" not in failure or attempt == 2:
+        taken = any(m in failure.lower() for m in ("address already in use", "eaddrinuse"))
+        if not taken or attempt == 2:
             pytest.fail(failure)
     raise AssertionError("unreachable")
 
