@@ -3,7 +3,7 @@
 Both loops follow the same four rules:
 
 1. build the average once, from the model being trained (wrappers are fine);
-2. update it once per optimizer step that really ran: :class:`polyak.OptimizerStepCounter`
+2. update it once per optimizer step that really ran: :class:`polyak.hooks.OptimizerStepCounter`
    watches ``optimizer.step`` (a step skipped by a ``GradScaler`` or held back by gradient
    accumulation is not counted), so the loop never has to know why a step did not happen;
 3. evaluate with ``with ema.swapped(model):`` (the average inside the live model, in place, the
@@ -68,7 +68,7 @@ def plain_loop(work_dir: Path, epochs: int = 5, accumulate: int = 2) -> None:
     scaler = torch.amp.GradScaler(device, enabled=amp)  # skips steps with inf/NaN gradients
 
     ema = polyak.ExponentialMovingAverage(model, momentum=0.1)  # momentum = 1 - decay
-    steps = polyak.OptimizerStepCounter([optimizer])
+    steps = polyak.hooks.OptimizerStepCounter([optimizer])
 
     for epoch in range(epochs):
         model.train()
@@ -130,7 +130,7 @@ def accelerate_loop(work_dir: Path, epochs: int = 5) -> None:
     ema = polyak.ExponentialMovingAverage(model, momentum=0.1)
     # AcceleratedOptimizer.step() calls the inner optimizer's step only at the end of an
     # accumulation cycle, and not when its GradScaler skips: count the inner optimizer.
-    steps = polyak.OptimizerStepCounter(polyak.hooks.find_optimizers(optimizer))
+    steps = polyak.hooks.OptimizerStepCounter(polyak.hooks.find_optimizers(optimizer))
 
     for epoch in range(epochs):
         model.train()

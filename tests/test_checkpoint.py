@@ -161,7 +161,7 @@ def test_record_dtype_is_the_averages_own_dtype_for_a_shared_bf16_base() -> None
     # the shared base is not one of them (it is not even in the record's weights).
     model = make_net(30).to(torch.bfloat16)
     lora = polyak.AveragedModel(model, trainable_only=True)
-    assert {t.dtype for t in ck.averaged_weights(lora).values() if t.is_floating_point()} == {F32}
+    assert {t.dtype for t in lora.averaged_state_dict().values() if t.is_floating_point()} == {F32}
     assert ck.record(lora)["dtype"] == "float32"
 
 
@@ -382,8 +382,8 @@ def test_averaged_weights_is_the_plain_average() -> None:
     model = make_net(21)
     averages = build(model, ["lora", "warmup"])
     run(model, averages, 0, 3)
-    lora = ck.averaged_weights(averages["lora"])
+    lora = averages["lora"].averaged_state_dict()
     assert set(lora) == {k for k in model.state_dict() if not k.startswith("base.")}
     assert_same({k: v.clone() for k, v in lora.items()}, {k: plain_average(averages["lora"])[k] for k in lora})
-    warm = ck.averaged_weights(averages["warmup"])
+    warm = averages["warmup"].averaged_state_dict()
     assert_same({k: v.clone() for k, v in warm.items()}, plain_average(averages["warmup"]))

@@ -264,14 +264,14 @@ def test_output_that_is_an_input_is_refused(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_failed_write_leaves_no_output_and_inputs_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from polyak import formats
+    from polyak.files import writing
 
     a = write(tmp_path / "a.safetensors", make_state(0))
     b = write(tmp_path / "b.pt", make_state(1))
     before = {p.name: digest(p) for p in (a, b)}
     out = tmp_path / "avg.safetensors"
     old = write(tmp_path / "old.safetensors", make_state(5))  # an existing output stays as it was
-    real = formats.write_safetensors
+    real = writing.write_safetensors
 
     def half_then_fail(path: Path, *args: object, **kwargs: object) -> None:
         real(path, *args, **kwargs)
@@ -279,7 +279,7 @@ def test_failed_write_leaves_no_output_and_inputs_intact(tmp_path: Path, monkeyp
         Path(path).write_bytes(data[: len(data) // 2])
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(formats, "write_safetensors", half_then_fail)
+    monkeypatch.setattr(writing, "write_safetensors", half_then_fail)
     for target in (out, old):
         old_digest = digest(old)
         assert main(["average", str(a), str(b), "-o", str(target), "-q"]) == 1

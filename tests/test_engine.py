@@ -17,8 +17,9 @@ from torch import Tensor, nn
 
 import polyak
 import polyak.engine as engine_mod
-from polyak import AveragingEngine, ExponentialMovingAverage, canonical_name, flatten_parameters, unwrap_model
-from polyak.engine import named_state
+from polyak import ExponentialMovingAverage, flatten_parameters
+from polyak.engine import AveragingEngine
+from polyak.tensors import canonical_name, named_state, unwrap_model
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -759,8 +760,12 @@ def test_engine_direct_float_and_tensor_weight() -> None:
 
 
 def test_public_names_reexported() -> None:
-    assert polyak.canonical_name is canonical_name
+    """flatten_parameters is typed in training scripts; the engine's internals stay in their
+    modules, reached as attributes (issue 9: a small top level)."""
     assert polyak.flatten_parameters is flatten_parameters
+    assert polyak.tensors.canonical_name is canonical_name
+    assert polyak.engine.AveragingEngine is AveragingEngine
+    assert not {"canonical_name", "unwrap_model", "AveragingEngine"} & set(polyak.__all__)
 
 
 # --------------------------------------------------------------------------------------------

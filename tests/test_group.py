@@ -22,12 +22,11 @@ import polyak.engine as engine
 from polyak import (
     AveragedModel,
     AverageGroup,
-    AveragingEngine,
     ExponentialMovingAverage,
     StochasticWeightAverage,
     flatten_parameters,
 )
-from polyak.engine import average_many_
+from polyak.engine import AveragingEngine, average_many_
 from polyak.schedules import Warmup
 
 # -- a small model with buffers -----------------------------------------------------------------

@@ -27,8 +27,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from polyak import EMAHook, OptimizerStepCounter
-from polyak.hooks import find_optimizers
+from polyak.hooks import EMAHook, OptimizerStepCounter, find_optimizers
 
 PARAMS = ("lin1.weight", "lin1.bias", "bn.weight", "bn.bias", "lin2.weight", "lin2.bias")
 FLOAT_BUFFERS = ("bn.running_mean", "bn.running_var")

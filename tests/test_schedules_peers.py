@@ -3,7 +3,7 @@
 Where a peer is installed (ema-pytorch, diffusers, torch-ema, mmengine) the expected value is
 what the peer itself computes, driven through its public API or its step counter. Where it is
 not (timm, mmdet, mmagic, mmpretrain, mmcv 1.x, EDM2) the peer's formula is transcribed by
-hand from ``/work/shared/reference/peers.md`` section 0 and clearly labelled as such. Every
+hand from the peer's source, named by version, file and lines, and clearly labelled as such. Every
 test states the step mapping between the peer's counter and polyak's ``steps`` (the number of
 earlier counted updates, so the first averaging update sees ``steps == 0`` and copies).
 
@@ -175,8 +175,8 @@ def timm_model_ema_v3_get_decay(
     warmup_gamma: float = 1.0,
     warmup_power: float = 2 / 3,
 ) -> float:
-    """HAND TRANSCRIPTION of timm 1.0.31 ``ModelEmaV3.get_decay`` (timm/utils/model_ema.py:251-268)
-    from peers.md section 0. timm is not installed, so this is the formula, not timm's code."""
+    """HAND TRANSCRIPTION of timm 1.0.31 ``ModelEmaV3.get_decay`` (timm/utils/model_ema.py:251-268).
+    timm is not installed, so this is the formula, not timm's code."""
     if step is None:
         return decay
     step = max(0, step - update_after_step - 1)
@@ -327,8 +327,8 @@ def test_momentum_annealing_averaged_model_follows_a_driven_mmengine_ema() -> No
 
 
 def mmdet_exp_momentum(steps: int, momentum: float, gamma: float) -> float:
-    """HAND TRANSCRIPTION of mmdet ``ExpMomentumEMA.avg_func``'s momentum (peers.md section 0;
-    mmdet is not installed)."""
+    """HAND TRANSCRIPTION of mmdet ``ExpMomentumEMA.avg_func``'s momentum (open-mmlab/mmdetection
+    at 38922f6, mmdet/models/layers/ema.py; mmdet is not installed)."""
     return (1 - momentum) * math.exp(-float(1 + steps) / gamma) + momentum
 
 
@@ -350,8 +350,9 @@ def test_exp_momentum_defaults_match_mmdet_formula() -> None:
 
 
 def mmcv_ema_hook_momentum(curr_step: int, momentum: float, warm_up: int, interval: int = 1) -> float:
-    """HAND TRANSCRIPTION of mmcv 1.x ``EMAHook`` (mmcv/runner/hooks/ema.py:40, 66-67; peers.md
-    section 0): ``self.momentum = momentum ** interval`` then ``min(self.momentum, (1 + t) / (warm_up + t))``."""
+    """HAND TRANSCRIPTION of mmcv 1.x ``EMAHook`` (open-mmlab/mmcv at 1d8f928, branch 1.x,
+    mmcv/runner/hooks/ema.py:40, 66-67):
+    ``self.momentum = momentum ** interval`` then ``min(self.momentum, (1 + t) / (warm_up + t))``."""
     return min(momentum**interval, (1 + curr_step) / (warm_up + curr_step))
 
 
@@ -376,8 +377,8 @@ def test_mmcv_warmup_with_defaults_never_binds_and_interval_is_compensated_not_p
 
 
 def mmagic_rampup_momentum(steps: int, ema_kimg: float, ema_rampup: float | None, batch_size: int, eps: float) -> float:
-    """HAND TRANSCRIPTION of mmagic ``RampUpEMA.rampup`` and its momentum (average_model.py:221-225,
-    239; peers.md section 0). mmagic is not installed."""
+    """HAND TRANSCRIPTION of mmagic ``RampUpEMA.rampup`` and its momentum (open-mmlab/mmagic at 0a560bb,
+    mmagic/models/base_models/average_model.py:221-225, 239). mmagic is not installed."""
     cur_nimg = (steps + 1) * batch_size
     ema_nimg = ema_kimg * 1000
     if ema_rampup is not None:
@@ -408,8 +409,8 @@ def test_rampup_momentum_defaults_match_mmagic_formula() -> None:
 
 
 def mmpretrain_cosine_momentum_code(steps: int, momentum: float, end_momentum: float, max_iters: int) -> float:
-    """HAND TRANSCRIPTION of mmpretrain ``CosineEMA.avg_func``'s CODE (ema.py:82-86; peers.md
-    section 0). Its docstring (ema.py:28) has the sign of the second term flipped."""
+    """HAND TRANSCRIPTION of mmpretrain ``CosineEMA.avg_func``'s CODE (open-mmlab/mmpretrain at ee7f2e8,
+    mmpretrain/models/utils/ema.py:82-86). Its docstring (ema.py:28) has the sign of the second term flipped."""
     cosine_factor = (1 + math.cos(math.pi * steps / max_iters)) / 2
     return end_momentum - (end_momentum - momentum) * cosine_factor
 
@@ -442,7 +443,7 @@ def test_cosine_momentum_follows_code_not_docstring_and_holds_after_max_steps() 
 
 
 def edm2_exp_to_std(gamma: float) -> float:
-    """HAND TRANSCRIPTION of EDM2 ``phema.exp_to_std`` (phema.py:19-33; peers.md section 0)."""
+    """HAND TRANSCRIPTION of EDM2 ``phema.exp_to_std`` (NVlabs/edm2 at 4bf8162, training/phema.py:19-33)."""
     return math.sqrt((gamma + 1) / (gamma + 2) ** 2 / (gamma + 3))
 
 
@@ -454,7 +455,7 @@ def edm2_std_to_exp(std: float) -> float:
 
 
 def test_sigma_rel_to_gamma_edm2_default_numbers() -> None:
-    # EDM2's defaults stds = [0.050, 0.100] give gamma = 16.97 and 6.94 (peers.md).
+    # EDM2's defaults stds = [0.050, 0.100] give gamma = 16.97 and 6.94 (training/phema.py).
     assert round(sigma_rel_to_gamma(0.05), 2) == 16.97
     assert round(sigma_rel_to_gamma(0.10), 2) == 6.94
     assert round(PowerFunction(sigma_rel=0.05).gamma, 2) == 16.97

@@ -1,15 +1,22 @@
-"""polyak: weight averaging for PyTorch (EMA, SWA, Polyak updates), exact and fast."""
+"""polyak: weight averaging for PyTorch (EMA, SWA, Polyak updates, post-hoc EMA), exact and fast.
+
+The top level holds what a training script types; everything else is in a submodule, reached as
+an attribute (``polyak.schedules.Warmup``, ``polyak.distributed.save``,
+``polyak.integrations.lightning.EMA``) and imported on first use, so ``import polyak`` imports no
+framework. docs/architecture.md maps the modules.
+"""
 
 from __future__ import annotations
 
-from . import checkpoint, schedules
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .averaged_model import AveragedModel
 from .bn import update_bn
-from .engine import AveragingEngine, canonical_name, flatten_parameters, unwrap_model
+from .engine import flatten_parameters
 from .group import AverageGroup
-from .hooks import EMAHook, OptimizerStepCounter
-from .models import (
-    BaseAveragedModel,
+from .models import BaseAveragedModel
+from .openmmlab import (
     CosineEMA,
     ExpMomentumEMA,
     ExponentialMovingAverage,
@@ -21,10 +28,13 @@ from .parameter_average import ParameterAverage
 from .posthoc import PostHocEMA
 from .rl import hard_update, soft_update
 
+if TYPE_CHECKING:
+    from . import checkpoint, distributed, integrations, schedules
+
 __version__ = "0.1.0"
 
 __all__ = [
-    # averaged models (the OpenMMLab API)
+    # averaged models: the OpenMMLab API
     "BaseAveragedModel",
     "ExponentialMovingAverage",
     "MomentumAnnealingEMA",
@@ -32,24 +42,47 @@ __all__ = [
     "RampUpEMA",
     "CosineEMA",
     "ExpMomentumEMA",
-    # the generic averaged model
+    # any schedule; several averages; tensors; post-hoc
     "AveragedModel",
-    "ParameterAverage",
     "AverageGroup",
+    "ParameterAverage",
     "PostHocEMA",
-    # reinforcement learning
-    "soft_update",
-    "hard_update",
-    # training hooks
-    "EMAHook",
-    "OptimizerStepCounter",
     # tools
     "update_bn",
+    "soft_update",
+    "hard_update",
     "flatten_parameters",
-    # engine
-    "AveragingEngine",
-    "canonical_name",
-    "unwrap_model",
+    # submodules, imported on first use
     "schedules",
     "checkpoint",
+    "distributed",
+    "integrations",
 ]
+
+#: Submodules reachable as attributes of ``polyak`` without an import of their own (PEP 562).
+_SUBMODULES = frozenset(
+    {
+        "checkpoint",
+        "distributed",
+        "engine",
+        "files",
+        "hooks",
+        "integrations",
+        "models",
+        "openmmlab",
+        "posthoc",
+        "schedules",
+        "sharded",
+        "tensors",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SUBMODULES})

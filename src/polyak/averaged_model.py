@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .engine import StateEntry
-from .models import BaseAveragedModel
+from .models import AVERAGES, BaseAveragedModel
 from .schedules import ConstantMomentum, EqualAverage, Schedule
+from .tensors import StateEntry, is_averaged
+from .validation import check_choice
 
 __all__ = ["AveragedModel"]
 
@@ -44,6 +45,7 @@ def _torch_rule(fn: Callable[..., Any] | None) -> Schedule | None:
     return None
 
 
+@AVERAGES.register
 class AveragedModel(BaseAveragedModel):
     """A running average of a model: ``torch.optim.swa_utils.AveragedModel``'s interface, with
     any polyak schedule and a choice of what is averaged.
@@ -118,8 +120,7 @@ class AveragedModel(BaseAveragedModel):
                 raise ValueError(f"{name} must be callable, got {fn!r}")
         if frozen is None:
             frozen = "skip" if trainable_only else "average"
-        if frozen not in _FROZEN:
-            raise ValueError(f"frozen must be one of {_FROZEN}, got {frozen!r}")
+        check_choice("frozen", frozen, _FROZEN)
         if trainable_only and frozen == "average":
             raise ValueError("trainable_only=True averages no frozen parameter: use frozen='copy' or 'skip'")
         self._include = [include] if isinstance(include, str) else list(include or [])
@@ -135,7 +136,7 @@ class AveragedModel(BaseAveragedModel):
 
     # -- what is averaged -----------------------------------------------------------------
 
-    def _select(self, source: nn.Module, state: dict[str, StateEntry]) -> dict[str, str]:
+    def select_tensors(self, source: nn.Module, state: Mapping[str, StateEntry]) -> dict[str, str]:
         owners = {}
         if self._filter is not None:
             for mod in source.modules():
@@ -145,9 +146,7 @@ class AveragedModel(BaseAveragedModel):
         averaged = 0
         for name, e in state.items():
             t = e.tensor
-            candidate = (t.is_floating_point() or t.is_complex()) and (
-                not e.is_buffer or (self.update_buffers and e.persistent)
-            )
+            candidate = is_averaged(t) and (not e.is_buffer or (self.update_buffers and e.persistent))
             if not candidate:
                 continue
             if not e.is_buffer and not t.requires_grad and self._frozen != "average":
@@ -175,20 +174,21 @@ class AveragedModel(BaseAveragedModel):
     def make_schedule(self) -> Schedule:
         return self._schedule
 
-    def _has_avg_func(self) -> bool:
+    @property
+    def custom_rule(self) -> bool:
         return self.avg_fn is not None or self.multi_avg_fn is not None
 
     @property
     def n_averaged(self) -> Tensor:
         """The number of snapshots in the average (the initial copy included), as torch's
         buffer: a 0-d int64 CPU tensor."""
-        return torch.tensor(self._n_averaged(self._steps), dtype=torch.long)
+        return torch.tensor(self._n_averaged(self.steps), dtype=torch.long)
 
     def _n_averaged(self, steps: int) -> int:
         return -(-steps // self.interval)  # calls at steps 0, k, 2k, ... before `steps`
 
-    def _avg_func_update(self, model: nn.Module, steps: int) -> None:
-        pairs = [(a, s) for _, kind, a, s in self._engine.pairs(model) if kind == "avg"]
+    def apply_custom_rule(self, model: nn.Module, steps: int) -> None:
+        pairs = [(a, s) for _, kind, a, s in self.pairs(model) if kind == "avg"]
         n = self._n_averaged(steps)
         with torch.no_grad():
             sources = [s.to(device=a.device, dtype=a.dtype) for a, s in pairs]
@@ -204,24 +204,23 @@ class AveragedModel(BaseAveragedModel):
                 assert self.avg_fn is not None
                 for (a, _), s in zip(pairs, sources, strict=True):
                     a.copy_(self.avg_fn(a, s, torch.tensor(n, dtype=torch.long, device=a.device)))
-        self._engine.copy_(model, "copy")
+        self.engine.copy_(model, "copy")
 
     # -- state: torch's keys ----------------------------------------------------------------
 
-    def _counters(self) -> dict[str, int]:
-        counters = {"n_averaged": self._n_averaged(self._steps)}
+    counter_keys = ("n_averaged", "steps")
+
+    def counters(self) -> dict[str, int]:
+        counters = {"n_averaged": self._n_averaged(self.steps)}
         if self.interval != 1:
-            counters["steps"] = self._steps
+            counters["steps"] = self.steps
         return counters
 
-    def _counter_keys(self) -> tuple[str, ...]:
-        return ("n_averaged", "steps")
-
-    def _read_counters(self, values: Mapping[str, int]) -> None:
+    def load_counters(self, values: Mapping[str, int]) -> None:
         if "steps" in values:
-            self._steps = values["steps"]
+            self.steps = values["steps"]
         elif "n_averaged" in values:
             n = values["n_averaged"]
-            self._steps = 0 if n == 0 else (n - 1) * self.interval + 1
+            self.steps = 0 if n == 0 else (n - 1) * self.interval + 1
         else:
-            super()._read_counters(values)
+            super().load_counters(values)

@@ -4,51 +4,68 @@ integration and the command line.
 A training checkpoint holds the primary average's weights under the framework's usual weights
 key (deployable as is), the live weights under their own key, and a ``"polyak"`` block that
 names and numbers everything needed to continue exactly. :func:`pack` writes it into a
-framework's checkpoint dict; :func:`unpack` reads it back.
+framework's checkpoint dict; :func:`unpack` reads it back. Both work on anything that has the
+public face of an averaged model (:class:`Averaged`), so this module sits below the averaged
+models and imports none of them.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from .engine import canonical_name
-from .models import BaseAveragedModel
+from .schedules import Schedule
+from .tensors import canonical_name
 
 __all__ = [
     "FORMAT_VERSION",
     "KEY",
-    "averaged_weights",
+    "Averaged",
     "record",
     "pack",
     "pack_state",
     "unpack",
     "has_averages",
     "deployable_weights",
+    "merge_into",
 ]
 
-#: The version of the layout written by this release.
+#: The version of polyak's file formats written by this release: the checkpoint block, post-hoc
+#: snapshots and exported weights (``"1"`` in safetensors metadata, which holds strings).
 FORMAT_VERSION = 1
 #: The checkpoint key of the block that describes the averages.
 KEY = "polyak"
 
 
-def averaged_weights(average: BaseAveragedModel) -> dict[str, Tensor]:
-    """The average as a plain state dict of the model (no ``module.`` prefix, no counters, no
-    tensors shared with the model), detached."""
-    counters = set(average._counter_keys())
-    out = {}
-    for k, v in average.state_dict().items():
-        if k in counters:
-            continue
-        if not k.startswith("module."):
-            raise AssertionError(f"unexpected key {k!r} in {type(average).__name__}.state_dict()")
-        out[k[len("module.") :]] = v.detach()
-    return out
+class Averaged(Protocol):
+    """What the checkpoint format needs of an average: the public face of
+    :class:`polyak.BaseAveragedModel`."""
+
+    counter_keys: tuple[str, ...]
+    interval: int
+    compensate_interval: bool
+    update_buffers: bool
+
+    @property
+    def steps(self) -> int: ...
+
+    @property
+    def custom_rule(self) -> bool: ...
+
+    @property
+    def schedule(self) -> Schedule: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+    def averaged_state_dict(self) -> dict[str, Tensor]: ...
+
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def prepare_load(self, state_dict: Mapping[str, Any], strict: bool = True) -> tuple[Callable[[], None], Any]: ...
 
 
 def _dtype_name(weights: Mapping[str, Tensor]) -> str | None:
@@ -56,8 +73,8 @@ def _dtype_name(weights: Mapping[str, Tensor]) -> str | None:
     return str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
 
 
-def _schedule_dict(average: BaseAveragedModel) -> dict[str, Any] | None:
-    if average._has_avg_func():
+def _schedule_dict(average: Averaged) -> dict[str, Any] | None:
+    if average.custom_rule:
         return None
     try:
         return average.schedule.to_dict()
@@ -65,13 +82,13 @@ def _schedule_dict(average: BaseAveragedModel) -> dict[str, Any] | None:
         return None
 
 
-def record(average: BaseAveragedModel, *, weights: bool = True) -> dict[str, Any]:
+def record(average: Averaged, *, weights: bool = True) -> dict[str, Any]:
     """The averaging state of one average (one entry of ``checkpoint["polyak"]["averages"]``)."""
-    own = averaged_weights(average)
+    own = average.averaged_state_dict()
     return {
         "class": type(average).__name__,
         "schedule": _schedule_dict(average),
-        "counters": dict(average._counters()),
+        "counters": average.counters(),
         "steps": average.steps,
         "interval": average.interval,
         "compensate_interval": average.compensate_interval,
@@ -81,19 +98,22 @@ def record(average: BaseAveragedModel, *, weights: bool = True) -> dict[str, Any
     }
 
 
-def _merge_into(live: Mapping[str, Any], averaged: Mapping[str, Tensor]) -> dict[str, Any]:
+def merge_into(live: Mapping[str, Any] | None, averaged: Mapping[str, Tensor]) -> dict[str, Any]:
     """``live`` with every averaged tensor put in place of the live one (matched by canonical
-    name, so the live keys keep whatever prefix the framework saved them with)."""
+    name, so the live keys keep whatever prefix the framework saved them with): a complete
+    state dict that deploys the average. Without live weights, the averaged tensors alone."""
+    if not live:
+        return dict(averaged)
     by_name = {canonical_name(k): k for k in live}
     out = dict(live)
     for name, t in averaged.items():
-        out[by_name.get(name, name)] = t
+        out[by_name.get(canonical_name(name), name)] = t
     return out
 
 
 def pack(
     checkpoint: dict[str, Any],
-    averages: Mapping[str, BaseAveragedModel],
+    averages: Mapping[str, Averaged],
     *,
     weights_key: str = "state_dict",
     live_key: str = "live_state_dict",
@@ -129,7 +149,7 @@ def pack(
             raise KeyError(f"the checkpoint has no {weights_key!r} to take the live weights from")
         live = checkpoint[weights_key]
     checkpoint[live_key] = {live_prefix + k: v for k, v in live.items()}
-    checkpoint[weights_key] = _merge_into(live, averaged_weights(averages[primary]))
+    checkpoint[weights_key] = merge_into(live, averages[primary].averaged_state_dict())
     checkpoint[KEY] = {
         "format_version": FORMAT_VERSION,
         "weights_key": weights_key,
@@ -231,7 +251,7 @@ def deployable_weights(checkpoint: Mapping[str, Any], name: str | None = None) -
     if not isinstance(live, Mapping):
         return dict(weights)
     live = {k[len(prefix) :]: v for k, v in live.items() if k.startswith(prefix)}
-    return _merge_into(live, weights)
+    return merge_into(live, weights)
 
 
 def has_averages(checkpoint: Mapping[str, Any]) -> bool:
@@ -251,7 +271,7 @@ def _meta(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
     return meta
 
 
-def _state_for(average: BaseAveragedModel, rec: Mapping[str, Any], weights: Mapping[str, Any]) -> dict[str, Any]:
+def _state_for(average: Averaged, rec: Mapping[str, Any], weights: Mapping[str, Any]) -> dict[str, Any]:
     own = {k[len("module.") :] for k in average.state_dict() if k.startswith("module.")}
     by_name = {canonical_name(k): k for k in weights}
     sd: dict[str, Any] = {}
@@ -269,7 +289,7 @@ def _state_for(average: BaseAveragedModel, rec: Mapping[str, Any], weights: Mapp
 
 def unpack(
     checkpoint: Mapping[str, Any],
-    averages: Mapping[str, BaseAveragedModel],
+    averages: Mapping[str, Averaged],
     *,
     strict: bool = True,
 ) -> tuple[dict[str, Any] | None, list[str]]:

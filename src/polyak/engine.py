@@ -4,7 +4,7 @@ The engine knows named tensors, not frameworks. It is built once over the module
 the average (the *target*) and, for each source module it is asked to read, resolves once:
 
 * the pairs of tensors, matched by name after wrapper prefixes are stripped
-  (:func:`canonical_name`), never by position;
+  (:func:`polyak.tensors.canonical_name`), never by position;
 * what each pair does: *average* (floating parameters, and floating persistent buffers when
   ``update_buffers``) or *copy* (every other buffer: integer and bool buffers such as
   BatchNorm's ``num_batches_tracked`` are always copied, never averaged or truncated);
@@ -34,24 +34,9 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "WRAPPER_COMPONENTS",
-    "canonical_name",
-    "unwrap_model",
-    "named_state",
-    "flatten_parameters",
-    "AveragingEngine",
-    "Weight",
-    "is_dtensor",
-    "local",
-    "average_many_",
-]
+from .tensors import StateEntry, is_averaged, is_dtensor, local, named_state
 
-#: Module names that wrappers insert into parameter names and that are dropped when matching:
-#: ``_orig_mod`` (``torch.compile``), ``_fsdp_wrapped_module`` (FSDP1) and
-#: ``_checkpoint_wrapped_module`` (activation checkpointing), anywhere in the name. A leading
-#: ``module.`` (DistributedDataParallel, DataParallel) is dropped too.
-WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+__all__ = ["flatten_parameters", "AveragingEngine", "Weight", "average_many_"]
 
 #: Elements per staging chunk (4 MiB in fp32): large enough to amortise the per-chunk launch,
 #: small enough to stay in cache between the copy and the lerp that reads it.
@@ -76,83 +61,6 @@ _data_ptr = Tensor.data_ptr
 _getitem = operator.getitem
 _is = operator.is_
 _local_of = operator.attrgetter("_local_tensor")
-
-
-def is_dtensor(t: Tensor) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (without importing it)."""
-    return hasattr(t, "_local_tensor") and hasattr(t, "placements")
-
-
-def local(t: Tensor) -> Tensor:
-    """The tensor the kernels work on: this rank's shard of a DTensor, else ``t`` itself,
-    detached (sharing storage)."""
-    return (t._local_tensor if is_dtensor(t) else t).detach()
-
-
-def canonical_name(name: str) -> str:
-    """The name of a tensor with wrapper prefixes removed.
-
-    >>> canonical_name("module._orig_mod.layer1._checkpoint_wrapped_module.weight")
-    'layer1.weight'
-    """
-    parts = [p for p in name.split(".") if p not in WRAPPER_COMPONENTS]
-    while len(parts) > 1 and parts[0] == "module":
-        del parts[0]
-    return ".".join(parts)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Peel ``DistributedDataParallel``, ``DataParallel`` and ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-@dataclass(frozen=True)
-class StateEntry:
-    """One named tensor of a module, with where it lives."""
-
-    name: str  # canonical name
-    tensor: Tensor  # the Parameter object, or the buffer tensor
-    is_buffer: bool
-    persistent: bool
-    owner: dict  # the owning module's _parameters or _buffers dict
-    key: str  # its key in ``owner``
-    path: str  # its full name in the module, before stripping
-
-
-def named_state(module: nn.Module) -> dict[str, StateEntry]:
-    """Every parameter and buffer of ``module`` by canonical name, in registration order.
-
-    Tied tensors appear once. Raises :class:`ValueError` if stripping wrapper prefixes makes
-    two names collide.
-    """
-    out: dict[str, StateEntry] = {}
-    seen: set[int] = set()
-    for mod_name, mod in module.named_modules(remove_duplicate=True):
-        prefix = mod_name + "." if mod_name else ""
-        for is_buffer, table in ((False, mod._parameters), (True, mod._buffers)):
-            for key, t in table.items():
-                if t is None or id(t) in seen:
-                    continue
-                seen.add(id(t))
-                name = canonical_name(prefix + key)
-                if name in out:
-                    raise ValueError(
-                        f"two tensors are both named {name!r} once wrapper prefixes are stripped "
-                        f"(one is {prefix + key!r})"
-                    )
-                persistent = not is_buffer or key not in mod._non_persistent_buffers_set
-                out[name] = StateEntry(name, t, is_buffer, persistent, table, key, prefix + key)
-    return out
-
-
-def _averaged(t: Tensor) -> bool:
-    return t.is_floating_point() or t.is_complex()
 
 
 def _is_plain(t: Tensor) -> bool:
@@ -300,20 +208,33 @@ def _chunks(sizes: list[int], limit: int) -> Iterator[tuple[int, int]]:
 
 
 def _plan_average(dst: list[Tensor], src: list[Tensor], *, mismatch: bool) -> _Group:
-    group = _Group()
-    ddev, ddt = dst[0].device, dst[0].dtype
-    sdev, sdt = src[0].device, src[0].dtype
-    gather = mismatch or ddev.type == "cpu"
+    """How one (device, dtype) group of averaged pairs is updated: runs of small tensors
+    gathered where that pays (the CPU, and across devices or dtypes), the rest by one
+    multi-tensor kernel, or staged through a scratch buffer when ``mismatch``."""
+    gather = mismatch or dst[0].device.type == "cpu"
+    runs, rest = _gather_runs(dst, src) if gather else ([], list(range(len(dst))))
+    group = _Group(gathered=_gathered_plan(dst, src, runs, mismatch=mismatch))
+    rest_dst, rest_src = [dst[k] for k in rest], [src[k] for k in rest]
+    if mismatch:
+        group.staged = _staged_plan(rest_dst, rest_src)
+    else:
+        group.dst, group.src = rest_dst, rest_src
+    return group
+
+
+def _gather_runs(dst: list[Tensor], src: list[Tensor]) -> tuple[list[tuple[int, int]], list[int]]:
+    """Split pair indices into runs worth gathering ([start, stop): at least
+    ``GATHER_MIN_RUN`` small contiguous pairs, adjacent in the target) and the rest."""
 
     def small(i: int) -> bool:
         return dst[i].numel() <= GATHER_MAX_NUMEL and dst[i].is_contiguous() and src[i].is_contiguous()
 
-    runs: list[tuple[int, int]] = []  # gathered runs of pair indices
+    runs: list[tuple[int, int]] = []
     rest: list[int] = []
     i, n = 0, len(dst)
     while i < n:
         j = i
-        if gather and small(i):
+        if small(i):
             while j + 1 < n and small(j + 1) and _adjacent(dst[j], dst[j + 1]):
                 j += 1
         if j + 1 - i >= GATHER_MIN_RUN:
@@ -321,41 +242,53 @@ def _plan_average(dst: list[Tensor], src: list[Tensor], *, mismatch: bool) -> _G
         else:
             rest.extend(range(i, j + 1))
         i = j + 1
+    return runs, rest
 
+
+def _gathered_plan(
+    dst: list[Tensor], src: list[Tensor], runs: list[tuple[int, int]], *, mismatch: bool
+) -> list[tuple[Tensor, list[Tensor], Tensor, Tensor | None]]:
+    """The runs cut into chunks of at most ``STAGING_CHUNK`` elements, each with its target as
+    one 1-d view and views of one shared source-dtype scratch (and a target-dtype one when
+    ``mismatch``) to ``cat`` the sources into."""
     batches = []
     for a, b in runs:
         for c, d in _chunks([dst[k].numel() for k in range(a, b)], STAGING_CHUNK):
             batches.append((a + c, a + d))
-    if batches:
-        size = max(sum(dst[k].numel() for k in range(c, d)) for c, d in batches)
-        scratch = torch.empty(size, device=sdev, dtype=sdt)
-        converted = torch.empty(size, device=ddev, dtype=ddt) if mismatch else None
-        for c, d in batches:
-            numel = sum(dst[k].numel() for k in range(c, d))
-            group.gathered.append(
-                (
-                    _flat_view(dst[c], numel),
-                    [src[k].view(-1) for k in range(c, d)],
-                    scratch[:numel],
-                    None if converted is None else converted[:numel],
-                )
-            )
+    if not batches:
+        return []
+    numels = [sum(dst[k].numel() for k in range(c, d)) for c, d in batches]
+    size = max(numels)
+    scratch = torch.empty(size, device=src[0].device, dtype=src[0].dtype)
+    converted = torch.empty(size, device=dst[0].device, dtype=dst[0].dtype) if mismatch else None
+    return [
+        (
+            _flat_view(dst[c], numel),
+            [src[k].view(-1) for k in range(c, d)],
+            scratch[:numel],
+            None if converted is None else converted[:numel],
+        )
+        for (c, d), numel in zip(batches, numels, strict=True)
+    ]
 
-    if not mismatch:
-        group.dst = [dst[k] for k in rest]
-        group.src = [src[k] for k in rest]
-        return group
-    pieces = list(_pieces([dst[k] for k in rest], [src[k] for k in rest], STAGING_CHUNK))
-    if pieces:
-        sizes = [d.numel() for d, _ in pieces]
-        scratch = torch.empty(max(max(sizes), min(STAGING_CHUNK, sum(sizes))), device=ddev, dtype=ddt)
-        for c, d in _chunks(sizes, scratch.numel()):
-            views, used = [], 0
-            for k in range(c, d):
-                views.append(scratch[used : used + sizes[k]].view(pieces[k][0].shape))
-                used += sizes[k]
-            group.staged.append(([p[0] for p in pieces[c:d]], [p[1] for p in pieces[c:d]], views))
-    return group
+
+def _staged_plan(dst: list[Tensor], src: list[Tensor]) -> list[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
+    """Pairs whose dtype or device differ, cut into pieces of at most ``STAGING_CHUNK``
+    elements and grouped into chunks, each with views of one target-dtype scratch buffer that
+    the sources are copied into before the lerp."""
+    pieces = list(_pieces(dst, src, STAGING_CHUNK))
+    if not pieces:
+        return []
+    sizes = [d.numel() for d, _ in pieces]
+    scratch = torch.empty(max(max(sizes), min(STAGING_CHUNK, sum(sizes))), device=dst[0].device, dtype=dst[0].dtype)
+    staged = []
+    for c, d in _chunks(sizes, scratch.numel()):
+        views, used = [], 0
+        for k in range(c, d):
+            views.append(scratch[used : used + sizes[k]].view(pieces[k][0].shape))
+            used += sizes[k]
+        staged.append(([p[0] for p in pieces[c:d]], [p[1] for p in pieces[c:d]], views))
+    return staged
 
 
 def _build_groups(pairs: list[tuple[Tensor, Tensor]], *, average: bool) -> list[_Group]:
@@ -493,7 +426,7 @@ class AveragingEngine:
         chosen = self.kinds.get(entry.name)
         if chosen == "skip":
             return "skip"
-        if not _averaged(t):
+        if not is_averaged(t):
             return "copy"
         if chosen is not None:
             return chosen
@@ -550,7 +483,7 @@ class AveragingEngine:
             kind = self.kind(e)
             if kind == "skip":
                 continue
-            if kind == "avg" and not _averaged(s):
+            if kind == "avg" and not is_averaged(s):
                 raise ValueError(f"tensor {name!r} is {s.dtype} in the source but averaged as {e.tensor.dtype}")
             names.append(name)
             kinds.append(kind)
@@ -687,7 +620,7 @@ def _shared_plan(groups: list[_Group]) -> _SharedPlan:
 def average_many_(engines: Sequence[AveragingEngine], source: nn.Module, weights: Sequence[Weight]) -> None:
     """:meth:`AveragingEngine.average_` for several averages of the same model at once,
 
-    .. math:: \bar\theta_i \\leftarrow \bar\theta_i + w_i\\,(\theta - \bar\theta_i), \\quad i = 1 \\dots N
+    .. math:: \\bar\\theta_i \\leftarrow \\bar\\theta_i + w_i\\,(\\theta - \\bar\\theta_i), \\quad i = 1 \\dots N
 
     reading each source tensor from memory once for all of them: large tensors are cut into
     cache-sized chunks and every average is updated from a chunk before the next is read;

@@ -48,14 +48,12 @@ class AverageGroup:
 
     def update_parameters(self, model: nn.Module) -> None:
         """One ``update_parameters(model)`` of every average, the averaging ones fused."""
-        for a in self:
-            a._check_not_swapped("update_parameters")
-        actions = [(a, *a._next_action()) for a in self]
-        fused = [(a, m) for a, action, m in actions if action == "average"]
+        updates = [(a, a.next_update()) for a in self]  # decided before any tensor changes
+        fused = [(a, u) for a, u in updates if u.kind == "average"]
         if fused:
-            average_many_([a._engine for a, _ in fused], model, [m for _, m in fused])  # type: ignore[misc]
-        for a, action, _ in actions:
-            if action != "average":
-                a._run_action(model, action)
-        for a, action, m in actions:
-            a._count(action, m)
+            average_many_([a.engine for a, _ in fused], model, [u.weight for _, u in fused])  # type: ignore[misc]
+        for a, u in updates:
+            if u.kind != "average":
+                a.apply_update(model, u)
+        for a, u in updates:
+            a.commit_update(u)

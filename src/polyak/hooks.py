@@ -23,33 +23,13 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .averaged_model import AveragedModel
-from .engine import unwrap_model
-from .models import (
-    BaseAveragedModel,
-    CosineEMA,
-    ExpMomentumEMA,
-    ExponentialMovingAverage,
-    MomentumAnnealingEMA,
-    RampUpEMA,
-    StochasticWeightAverage,
-)
+from .files import load
+from .models import AVERAGES, BaseAveragedModel
 from .schedules import MMCVWarmup
+from .tensors import unwrap_model
+from .validation import check_choice, check_int
 
-__all__ = ["OptimizerStepCounter", "EMAHook", "AVERAGED_MODELS", "find_optimizers"]
-
-#: The averaged models an ``ema_type`` string may name.
-AVERAGED_MODELS: dict[str, type[BaseAveragedModel]] = {
-    cls.__name__: cls
-    for cls in (
-        ExponentialMovingAverage,
-        MomentumAnnealingEMA,
-        StochasticWeightAverage,
-        RampUpEMA,
-        CosineEMA,
-        ExpMomentumEMA,
-        AveragedModel,
-    )
-}
+__all__ = ["OptimizerStepCounter", "EMAHook", "find_optimizers"]
 
 
 class OptimizerStepCounter:
@@ -169,7 +149,7 @@ class EMAHook:
     epoch, live weights back before the next, and at ``after_run``).
 
     Args:
-        ema_type: an averaged-model class or its name (:data:`AVERAGED_MODELS`).
+        ema_type: an averaged-model class or its name (:data:`polyak.models.AVERAGES`).
         strict_load: load averages strictly. Defaults to False, as mmengine.
         begin_iter, begin_epoch: copy the model until the iteration/epoch (1-based counts, as
             mmengine) is reached.
@@ -193,18 +173,14 @@ class EMAHook:
         **kwargs: Any,
     ) -> None:
         if isinstance(ema_type, str):
-            if ema_type not in AVERAGED_MODELS:
-                raise ValueError(f"unknown ema_type {ema_type!r}; known: {sorted(AVERAGED_MODELS)}")
-            ema_type = AVERAGED_MODELS[ema_type]
+            ema_type = AVERAGES.lookup(ema_type, what="ema_type")
         if not (isinstance(ema_type, type) and issubclass(ema_type, BaseAveragedModel)):
             raise ValueError(f"ema_type must name a polyak averaged model, got {ema_type!r}")
-        for name, value in (("begin_iter", begin_iter), ("begin_epoch", begin_epoch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        check_int("begin_iter", begin_iter, 0)
+        check_int("begin_epoch", begin_epoch, 0)
         if begin_iter and begin_epoch:
             raise ValueError("give begin_iter or begin_epoch, not both")
-        if swap not in ("val", "epoch", None):
-            raise ValueError(f"swap must be 'val', 'epoch' or None, got {swap!r}")
+        check_choice("swap", swap, ("val", "epoch", None))
         if warm_up is not None:
             schedule = MMCVWarmup(kwargs.pop("momentum", 0.0002), warm_up)
             if "update_buffers" in kwargs:  # AveragedModel's (torch's) name for it
@@ -233,13 +209,15 @@ class EMAHook:
             return
         self.src_model = model
         self.ema_model = self.ema_type(self.src_model, **self.ema_cfg)
-        if isinstance(self.ema_model, CosineEMA) and self.ema_model.max_steps is None:
-            self.ema_model.max_steps = _total_optimizer_steps(runner)
+        if self.ema_model.needs_total_steps:
+            total = _total_optimizer_steps(runner)
+            if total is not None:
+                self.ema_model.set_total_steps(total)
         if self.resume_from is not None:
             if hasattr(runner, "resume"):
                 runner.resume(self.resume_from)
             else:
-                checkpoint = torch.load(self.resume_from, map_location="cpu", weights_only=True)
+                checkpoint = load(self.resume_from).obj
                 self.after_load_checkpoint(runner, checkpoint)
                 self.src_model.load_state_dict(checkpoint["state_dict"])
 
@@ -269,14 +247,20 @@ class EMAHook:
     def _started(self, runner: Any) -> bool:
         return runner.iter + 1 >= self.begin_iter and runner.epoch + 1 >= self.begin_epoch
 
+    def _models(self) -> tuple[BaseAveragedModel, nn.Module]:
+        """The average and the model it averages; :class:`RuntimeError` before ``before_run``."""
+        if self.ema_model is None or self.src_model is None:
+            raise RuntimeError("EMAHook: before_run(runner) was not called, so there is no average yet")
+        return self.ema_model, self.src_model
+
     def after_train_iter(self, runner: Any, batch_idx: int = 0, data_batch: Any = None, outputs: Any = None) -> None:
-        assert self.ema_model is not None and self.src_model is not None, "before_run() was not called"
+        ema_model, src_model = self._models()
         if self._steps.watching and not self._steps.advanced():
             return  # accumulating gradients, or a step the GradScaler skipped
         if self._started(runner):
-            self.ema_model.update_parameters(self.src_model)
+            ema_model.update_parameters(src_model)
         else:
-            self.ema_model.sync_parameters(self.src_model)
+            ema_model.sync_parameters(src_model)
 
     @property
     def momentum(self) -> float | None:
@@ -286,14 +270,14 @@ class EMAHook:
     # -- swapping -------------------------------------------------------------------------------
 
     def _swap_in(self) -> None:
-        assert self.ema_model is not None and self.src_model is not None
+        ema_model, src_model = self._models()
         if self._swap is not None:
             return
-        if self.ema_model.steps == 0:
+        if ema_model.steps == 0:
             warnings.warn("EMAHook: the average has not been updated yet; evaluating the live model", stacklevel=3)
             return
         stack = contextlib.ExitStack()
-        stack.enter_context(self.ema_model.swapped(self.src_model))
+        stack.enter_context(ema_model.swapped(src_model))
         self._swap = stack
 
     def _swap_out(self) -> None:
@@ -332,7 +316,7 @@ class EMAHook:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def before_save_checkpoint(self, runner: Any, checkpoint: dict) -> None:
-        assert self.ema_model is not None and self.src_model is not None
+        _, src_model = self._models()
         swapped = self._swap is not None
         if not swapped:
             self._pack(checkpoint, live=None, clone=False)
@@ -343,16 +327,16 @@ class EMAHook:
         # both (the tensors change again when the average goes back in), then swap in again.
         self._swap_out()
         try:
-            live = {k: v.detach().clone() for k, v in self.src_model.state_dict().items()}
+            live = {k: v.detach().clone() for k, v in src_model.state_dict().items()}
             self._pack(checkpoint, live=live, clone=True)
         finally:
             self._swap_in()
 
     def _pack(self, checkpoint: dict, *, live: dict | None, clone: bool) -> None:
-        assert self.ema_model is not None
+        ema_model, _ = self._models()
         ckpt.pack(
             checkpoint,
-            {"ema": self.ema_model},
+            {"ema": ema_model},
             weights_key="state_dict",
             live_key="ema_state_dict",
             live_prefix="module.",
@@ -365,13 +349,13 @@ class EMAHook:
                 k: v.detach().to("cpu", copy=clone) if isinstance(v, torch.Tensor) else v
                 for k, v in checkpoint[key].items()
             }
-        checkpoint["ema_state_dict"]["steps"] = torch.tensor(self.ema_model.steps, dtype=torch.long)
+        checkpoint["ema_state_dict"]["steps"] = torch.tensor(ema_model.steps, dtype=torch.long)
 
     def after_load_checkpoint(self, runner: Any, checkpoint: dict) -> None:
-        assert self.ema_model is not None
+        ema_model, _ = self._models()
         resume = bool(getattr(runner, "_resume", True))
         if ckpt.has_averages(checkpoint) and resume:
-            live, missing = ckpt.unpack(checkpoint, {"ema": self.ema_model}, strict=self.strict_load)
+            live, missing = ckpt.unpack(checkpoint, {"ema": ema_model}, strict=self.strict_load)
             if missing:
                 self._init_from(checkpoint["state_dict"])
             if live is not None:  # else the checkpoint's weights are all there is
@@ -381,7 +365,7 @@ class EMAHook:
             for k in list(ema_state):
                 if k.startswith("module.") and k[7:] in model_state:
                     ema_state[k], model_state[k[7:]] = model_state[k[7:]], ema_state[k]
-            self.ema_model.load_state_dict(ema_state, strict=self.strict_load)
+            ema_model.load_state_dict(ema_state, strict=self.strict_load)
         else:
             if resume:
                 warnings.warn(
@@ -391,10 +375,10 @@ class EMAHook:
             self._init_from(checkpoint["state_dict"])
 
     def _init_from(self, state_dict: dict) -> None:
-        assert self.ema_model is not None
+        ema_model, _ = self._models()
         sd = {"module." + k: v for k, v in copy.copy(state_dict).items()}
-        sd["steps"] = torch.tensor(max(self.ema_model.steps, 1), dtype=torch.long)
-        self.ema_model.load_state_dict(sd, strict=self.strict_load)
+        sd["steps"] = torch.tensor(max(ema_model.steps, 1), dtype=torch.long)
+        ema_model.load_state_dict(sd, strict=self.strict_load)
 
 
 def _total_optimizer_steps(runner: Any) -> int | None:

@@ -1,12 +1,12 @@
-"""Averaged models: ``nn.Module`` faces over the engine and a momentum schedule.
+"""``BaseAveragedModel``: the ``nn.Module`` face of an average, and its public update protocol.
 
-The classes and signatures are OpenMMLab's (mmengine ``BaseAveragedModel``,
-``ExponentialMovingAverage``, ``MomentumAnnealingEMA``, ``StochasticWeightAverage``; mmagic
-``RampUpEMA``; mmpretrain ``CosineEMA``), with their ``state_dict`` layout (``steps`` and
-``module.*``), so configs and checkpoints move over unchanged. Deliberate differences:
+The class and its signature are mmengine's ``BaseAveragedModel``, with its ``state_dict`` layout
+(``steps`` and ``module.*``), so configs and checkpoints move over unchanged. The OpenMMLab
+classes built on it are presets (:mod:`polyak.openmmlab`); ``AveragedModel``
+(:mod:`polyak.averaged_model`) takes any schedule. Deliberate differences from mmengine:
 
 * ``interval`` is compensated exactly by default (:func:`polyak.schedules.interval_momentum`);
-  ``compensate_interval=False`` gives the uncompensated OpenMMLab numbers.
+  ``compensate_interval=False`` gives the uncompensated OpenMMLab numbers;
 * bad arguments raise :class:`ValueError` instead of failing an ``assert``;
 * a low-precision model gets an fp32 average (``dtype=`` chooses), integer buffers are always
   copied, tensors are matched by name through ``DDP``/``torch.compile`` wrappers, and a failed
@@ -14,8 +14,14 @@ The classes and signatures are OpenMMLab's (mmengine ``BaseAveragedModel``,
 
 Counting rule: ``steps`` is the number of earlier ``update_parameters`` calls that counted.
 The call with ``steps == 0`` copies the source; a later call averages when
-``steps % interval == 0`` and otherwise only copies the non-averaged tensors (buffers); then
-``steps += 1``.
+``steps % interval == 0`` and otherwise only copies the tensors that are not averaged
+(buffers); then ``steps += 1``.
+
+An update is three public steps, so that :class:`~polyak.AverageGroup`, the hooks and the
+checkpoint code drive averages without reaching into them: :meth:`BaseAveragedModel.next_update`
+says what the next call does and with which weight (an :class:`Update`, decided before any
+tensor changes), :meth:`BaseAveragedModel.apply_update` changes the tensors, and
+:meth:`BaseAveragedModel.commit_update` advances the counters.
 """
 
 from __future__ import annotations
@@ -23,41 +29,34 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from .engine import AveragingEngine, StateEntry, Weight, flatten_tensors_, is_dtensor, named_state, unwrap_model
-from .schedules import (
-    ConstantMomentum,
-    CosineMomentum,
-    EqualAverage,
-    ExpMomentum,
-    MomentumAnnealing,
-    RampUpMomentum,
-    Schedule,
-    interval_momentum,
-)
+from .engine import AveragingEngine, Weight, flatten_tensors_
+from .registry import Registry
+from .schedules import Schedule, interval_momentum
+from .sharded import ShardedAverageModule, copy_full_, reshard, sharded_copy
+from .tensors import StateEntry, is_averaged, is_dtensor, named_state, unwrap_model
+from .validation import check_float_dtype, check_int, warning_stacklevel
 
-__all__ = [
-    "BaseAveragedModel",
-    "ExponentialMovingAverage",
-    "MomentumAnnealingEMA",
-    "StochasticWeightAverage",
-    "RampUpEMA",
-    "CosineEMA",
-    "ExpMomentumEMA",
-]
+__all__ = ["BaseAveragedModel", "Update", "AVERAGES", "average_dtype", "copy_module"]
+
+#: The averaged-model classes by name: what an ``ema_type`` string (hooks, configs) may name.
+AVERAGES: Registry[type[BaseAveragedModel]] = Registry("averaged model")
 
 _LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})
 
 
-def _average_dtype(t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+def average_dtype(t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of the average of tensor ``t``: ``dtype`` for a floating tensor when given,
+    else float32 for a float16/bfloat16/float8 tensor and ``t``'s own otherwise; an integer,
+    bool or complex tensor keeps its dtype."""
     if not t.is_floating_point():
         return t.dtype
     if dtype is not None:
@@ -83,7 +82,7 @@ def copy_module(
         if id(t) in share:
             memo[id(t)] = t
             continue
-        new = t.detach().to(device=device or t.device, dtype=_average_dtype(t, dtype), copy=True)
+        new = t.detach().to(device=device or t.device, dtype=average_dtype(t, dtype), copy=True)
         if isinstance(t, nn.Parameter):
             new = nn.Parameter(new, requires_grad=False)
             new_params.append(new)
@@ -97,23 +96,25 @@ def copy_module(
     return clone
 
 
-def _sharded_module_type() -> type:
-    mod = sys.modules.get("polyak.distributed")  # imported when a sharded average was built
-    return mod.ShardedAverageModule if mod is not None else type(None)
+@dataclass(frozen=True)
+class Update:
+    """What one ``update_parameters`` call does, decided before any tensor changes.
 
+    ``kind`` is one of:
 
-def _caller_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside polyak."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("polyak"):
-        frame, level = frame.f_back, level + 1
-    return level
+    * ``"copy"``: copy every tensor from the model (the first call; ``weight`` is 1.0), or,
+      with ``counted=False``, a copy that does not count (:class:`~polyak.RampUpEMA` before
+      ``start_iter``);
+    * ``"average"``: move the averaged tensors toward the model's by ``weight`` and copy the
+      others (one fused kernel per group);
+    * ``"custom"``: a rule written per tensor (mmengine's ``avg_func``, torch's ``avg_fn``);
+    * ``"hold"``: between averaging calls (``steps % interval != 0``): the averaged tensors
+      hold, the others are copied.
+    """
 
-
-def _check_interval(interval: object) -> int:
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"interval must be a positive int, got {interval!r}")
-    return interval
+    kind: str
+    weight: float | None = None
+    counted: bool = True
 
 
 class BaseAveragedModel(nn.Module):
@@ -128,13 +129,16 @@ class BaseAveragedModel(nn.Module):
         \\end{cases}
 
     where :math:`s` is ``steps``, :math:`k` is ``interval`` and :math:`m_k(s)` is the
-    interval-compensated momentum of the subclass
+    interval-compensated momentum of the subclass's schedule
     (:func:`polyak.schedules.interval_momentum`). Buffers that are not averaged are copied
     from the model on every call.
 
-    Subclass it either with a :class:`~polyak.schedules.Schedule` (override
-    :meth:`make_schedule`; the update is then one fused kernel per (device, dtype) group) or
-    mmengine's way, by overriding :meth:`avg_func` (called per tensor with ``steps`` an int).
+    Subclass it in one of three ways: as a preset, naming a
+    :class:`~polyak.schedules.Schedule` class in ``schedule_type`` whose arguments are passed
+    as keywords (``schedule_args``) and kept as attributes of the same names (the OpenMMLab
+    classes); by overriding :meth:`make_schedule`; or mmengine's way, by overriding
+    :meth:`avg_func` (called per tensor with ``steps`` an int). The first two update with one
+    fused kernel per (device, dtype) group.
 
     Args:
         model: the model to average. ``DistributedDataParallel``, ``DataParallel`` and
@@ -150,7 +154,15 @@ class BaseAveragedModel(nn.Module):
         compensate_interval: use :math:`1 - \\prod(1 - m(j))` over the ``interval`` steps an
             update stands for, so the horizon in steps does not depend on ``interval``.
             ``False`` reproduces mmengine/mmagic/mmpretrain. Defaults to True.
+        **schedule_args: for presets: the arguments of ``schedule_type``, checked before the
+            model is copied and kept as attributes (``self.momentum``: changing one takes
+            effect at the next update).
     """
+
+    #: The schedule class of a preset (``None``: the subclass defines its rule otherwise).
+    schedule_type: ClassVar[type[Schedule] | None] = None
+    #: The counters :meth:`counters` saves and :meth:`load_counters` reads.
+    counter_keys: ClassVar[tuple[str, ...]] = ("steps",)
 
     def __init__(
         self,
@@ -161,31 +173,30 @@ class BaseAveragedModel(nn.Module):
         *,
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
+        **schedule_args: Any,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-        if not self._has_avg_func() and type(self).make_schedule is BaseAveragedModel.make_schedule:
-            raise TypeError(
-                f"{type(self).__name__} defines no averaging rule: override avg_func or "
-                "make_schedule, or use ExponentialMovingAverage / StochasticWeightAverage"
-            )
-        self.interval = _check_interval(interval)
+        check_float_dtype("dtype", dtype)
+        self.interval = check_int("interval", interval, 1)
         self.update_buffers = bool(update_buffers)
         self.compensate_interval = bool(compensate_interval)
+        self._schedule_args = tuple(schedule_args)
+        self._schedule_cache: tuple[tuple[Any, ...], Schedule] | None = None
+        self._check_rule(schedule_args)
+        for name, value in schedule_args.items():
+            setattr(self, name, value)
         source = unwrap_model(model)
         state = named_state(source)
-        self._kinds = self._select(source, state)
+        self._kinds = self.select_tensors(source, state)
         shared = frozenset(id(state[n].tensor) for n, k in self._kinds.items() if k == "skip")
         target_device = torch.device(device) if device else None
         if any(is_dtensor(e.tensor) for e in state.values()):
-            from .distributed import sharded_copy  # FSDP2: shard by shard, never a deep copy
-
+            # FSDP2: shard by shard, never a deep copy
             self._skipped = tuple(n for n, k in self._kinds.items() if k == "skip")
             self.module = sharded_copy(
-                source, dtype_of=lambda t: _average_dtype(t, dtype), device=target_device, share=shared
+                source, dtype_of=lambda t: average_dtype(t, dtype), device=target_device, share=shared
             )
         else:
             self._skipped = tuple(state[n].path for n, k in self._kinds.items() if k == "skip")
@@ -193,32 +204,56 @@ class BaseAveragedModel(nn.Module):
         self._steps = 0
         self._swapped = False
         self._last_momentum: float | None = None
-        self._engine = self._make_engine()
+        self._engine = AveragingEngine(self.module, update_buffers=self.update_buffers, kinds=self._kinds)
         self._engine.target_state()  # nothing to average is an error now, not at the first update
         self._register_state_dict_hook(_drop_skipped)
 
-    def _select(self, source: nn.Module, state: dict[str, StateEntry]) -> dict[str, str]:
+    def _check_rule(self, schedule_args: Mapping[str, Any]) -> None:
+        """Raise before the model is copied if this class has no averaging rule or a preset's
+        arguments are bad."""
+        cls = type(self)
+        if self.schedule_type is not None:
+            # A None argument may mean "later" (CosineEMA's max_steps): check the others.
+            self.schedule_type(**{k: v for k, v in schedule_args.items() if v is not None})
+            return
+        if schedule_args:
+            raise TypeError(f"{cls.__name__} takes no schedule arguments, got {sorted(schedule_args)}")
+        if not self.custom_rule and cls.make_schedule is BaseAveragedModel.make_schedule:
+            raise TypeError(
+                f"{cls.__name__} defines no averaging rule: set schedule_type, override avg_func or "
+                "make_schedule, or use ExponentialMovingAverage / StochasticWeightAverage"
+            )
+
+    def select_tensors(self, source: nn.Module, state: Mapping[str, StateEntry]) -> dict[str, str]:
         """Per canonical name, ``"avg"``, ``"copy"`` or ``"skip"`` where the default rule
         (average floating parameters, and floating buffers if ``update_buffers``) does not
-        apply. ``"skip"`` tensors are shared with the model, never copied or saved."""
+        apply. ``"skip"`` tensors are shared with the model, never copied or saved. Called once,
+        at construction; override it to choose what is averaged."""
         return {}
 
-    def _make_engine(self) -> AveragingEngine:
-        return AveragingEngine(self.module, update_buffers=self.update_buffers, kinds=self._kinds)
-
-    # -- the rule ----------------------------------------------------------------------
+    # -- the rule ------------------------------------------------------------------------
 
     def make_schedule(self) -> Schedule:
-        """The momentum schedule of this class, built from its current attributes."""
-        raise NotImplementedError
+        """The momentum schedule in force: ``schedule_type`` built from the attributes named
+        by the preset's arguments (rebuilt only when one of them changed)."""
+        if self.schedule_type is None:
+            raise NotImplementedError(f"{type(self).__name__} has no schedule_type: override make_schedule")
+        key = tuple(getattr(self, name) for name in self._schedule_args)
+        if self._schedule_cache is None or self._schedule_cache[0] != key:
+            schedule = self.schedule_type(**dict(zip(self._schedule_args, key, strict=True)))
+            self._schedule_cache = (key, schedule)
+        return self._schedule_cache[1]
 
     @property
     def schedule(self) -> Schedule:
-        """The :class:`~polyak.schedules.Schedule` in force (rebuilt from the attributes, so
-        changing ``momentum`` takes effect at the next update)."""
+        """The :class:`~polyak.schedules.Schedule` in force (changing ``momentum`` takes effect
+        at the next update)."""
         return self.make_schedule()
 
-    def _has_avg_func(self) -> bool:
+    @property
+    def custom_rule(self) -> bool:
+        """Whether updates run a rule written per tensor (an overridden :meth:`avg_func`)
+        instead of the schedule on the fused path."""
         return type(self).avg_func is not BaseAveragedModel.avg_func
 
     def momentum_at(self, steps: int) -> float:
@@ -234,7 +269,18 @@ class BaseAveragedModel(nn.Module):
         """
         averaged_param.lerp_(source_param, self.momentum_at(steps))
 
-    # -- counting ----------------------------------------------------------------------
+    @property
+    def needs_total_steps(self) -> bool:
+        """Whether the schedule still needs the run's total number of optimizer steps
+        (:meth:`set_total_steps`); the integrations ask this, so that they compute it only
+        when it is needed."""
+        return False
+
+    def set_total_steps(self, total: int) -> None:
+        """Give the average the run's total number of optimizer steps, for schedules defined
+        over the whole run (:class:`~polyak.CosineEMA`); others ignore it."""
+
+    # -- counting ------------------------------------------------------------------------
 
     @property
     def steps(self) -> int:
@@ -248,7 +294,23 @@ class BaseAveragedModel(nn.Module):
             raise ValueError(f"steps must be >= 0, got {value}")
         self._steps = value
 
-    # -- updates -----------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        """The integers saved beside the weights (as int64 CPU tensors in ``state_dict()``)."""
+        return {"steps": self._steps}
+
+    def load_counters(self, values: Mapping[str, int]) -> None:
+        """Set the counters from saved ones (the keys of :attr:`counter_keys` that are present).
+        A missing ``steps`` means 0, with a warning: the next update re-initialises the
+        average from the model, as mmagic does."""
+        if "steps" not in values:
+            warnings.warn(
+                f"{type(self).__name__}: the state dict has no 'steps'; starting from 0, so the next "
+                "update re-initialises the average from the model",
+                stacklevel=warning_stacklevel(),
+            )
+        self._steps = values.get("steps", 0)
+
+    # -- updates -------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the averaged model."""
@@ -256,43 +318,61 @@ class BaseAveragedModel(nn.Module):
 
     def update_parameters(self, model: nn.Module) -> None:
         """Fold ``model``'s current weights into the average (see the class formula)."""
-        self._check_not_swapped("update_parameters")
-        action, momentum = self._next_action()
-        if action == "average":
-            self._engine.average_(model, momentum)  # type: ignore[arg-type]
-        else:
-            self._run_action(model, action)
-        self._count(action, momentum)
+        update = self.next_update()
+        self.apply_update(model, update)
+        self.commit_update(update)
 
-    def _next_action(self) -> tuple[str, float | None]:
-        """What the next ``update_parameters`` does, and with which momentum: ``"copy_all"``
-        (the first call), ``"average"``, ``"avg_func"`` (a custom rule), ``"copy"`` (between
-        averaging calls) or ``"sync"`` (a copy phase that does not count)."""
+    def next_update(self) -> Update:
+        """What the next :meth:`update_parameters` does, and with which weight; changes
+        nothing. Raises :class:`RuntimeError` inside :meth:`swapped`."""
+        self._check_not_swapped("update_parameters")
         steps = self._steps
         if steps == 0:
-            return "copy_all", 1.0
+            return Update("copy", 1.0)
         if steps % self.interval:
-            return "copy", None
-        if self._has_avg_func():
-            return "avg_func", None
-        return "average", self.momentum_at(steps)
+            return Update("hold")
+        if self.custom_rule:
+            return Update("custom")
+        return Update("average", self.momentum_at(steps))
 
-    def _run_action(self, model: nn.Module, action: str) -> None:
-        if action in ("copy_all", "sync"):
+    def apply_update(self, model: nn.Module, update: Update) -> None:
+        """Change the averaged tensors as ``update`` says (the counters do not move: see
+        :meth:`commit_update`)."""
+        kind = update.kind
+        if kind == "average":
+            self._engine.average_(model, update.weight)  # type: ignore[arg-type]
+        elif kind == "copy":
             self._engine.copy_(model, "all")
-        elif action == "avg_func":
-            self._avg_func_update(model, self._steps)
-        elif action == "copy":
+        elif kind == "hold":
             self._engine.copy_(model, "copy")
-        else:  # pragma: no cover - "average" is run by the caller, possibly fused with others
-            raise AssertionError(action)
+        elif kind == "custom":
+            self.apply_custom_rule(model, self._steps)
+        else:
+            raise ValueError(f"unknown update kind {kind!r}")
 
-    def _count(self, action: str, momentum: float | None) -> None:
-        if action == "sync":
+    def commit_update(self, update: Update) -> None:
+        """Count an applied update: ``steps += 1`` (unless it does not count) and remember its
+        weight for :attr:`current_momentum`."""
+        if not update.counted:
             return
-        if action != "copy":
-            self._last_momentum = momentum
+        if update.kind != "hold":
+            self._last_momentum = update.weight
         self._steps += 1
+
+    def apply_custom_rule(self, model: nn.Module, steps: int) -> None:
+        """One update by the per-tensor rule: :meth:`avg_func` on every averaged tensor, then a
+        copy of the others. Override it for rules over all tensors at once (torch's
+        ``multi_avg_fn``)."""
+        with torch.no_grad():
+            for _, kind, avg, src in self._engine.pairs(model):
+                if kind == "avg":
+                    self.avg_func(avg, src.to(device=avg.device, dtype=avg.dtype), steps)
+        self._engine.copy_(model, "copy")
+
+    @property
+    def engine(self) -> AveragingEngine:
+        """The engine that updates ``.module`` (for :func:`polyak.engine.average_many_`)."""
+        return self._engine
 
     def pairs(self, model: nn.Module) -> Iterator[tuple[str, str, Tensor, Tensor]]:
         """``(name, kind, averaged tensor, model tensor)`` for every tensor matched with
@@ -329,25 +409,17 @@ class BaseAveragedModel(nn.Module):
         self._check_not_swapped("average_")
         self._engine.average_(model, weight)
 
-    def _avg_func_update(self, model: nn.Module, steps: int) -> None:
-        pairs = list(self._engine.pairs(model))
-        with torch.no_grad():
-            for _, kind, avg, src in pairs:
-                if kind == "avg":
-                    self.avg_func(avg, src.to(device=avg.device, dtype=avg.dtype), steps)
-        self._engine.copy_(model, "copy")
-
     def sync_parameters(self, model: nn.Module) -> None:
-        """Copy every parameter and buffer of ``model`` into the average."""
+        """Copy every parameter and buffer of ``model`` into the average (mmagic's name)."""
         self._check_not_swapped("sync_parameters")
         self._engine.copy_(model, "all")
 
     def sync_buffers(self, model: nn.Module) -> None:
-        """Copy every buffer of ``model`` into the average."""
+        """Copy every buffer of ``model`` into the average (mmagic's name)."""
         self._check_not_swapped("sync_buffers")
         self._engine.copy_(model, "buffers")
 
-    # -- using the average --------------------------------------------------------------
+    # -- using the average ----------------------------------------------------------------
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -401,51 +473,30 @@ class BaseAveragedModel(nn.Module):
         self._engine.write_to_(model, "all")
 
     def _reshard(self, model: nn.Module) -> None:
-        if isinstance(self.module, _sharded_module_type()):
-            from .distributed import reshard
-
+        if isinstance(self.module, ShardedAverageModule):
             reshard(model)
 
     def _check_not_swapped(self, what: str) -> None:
         if self._swapped:
             raise RuntimeError(f"{what}() inside swapped(): the average holds the live weights until the block ends")
 
-    # -- state --------------------------------------------------------------------------
+    # -- state ---------------------------------------------------------------------------
 
-    def _counters(self) -> dict[str, int]:
-        """The integers saved beside the weights (as int64 CPU tensors)."""
-        return {"steps": self._steps}
-
-    def _counter_keys(self) -> tuple[str, ...]:
-        """Every counter key :meth:`load_state_dict` reads."""
-        return ("steps",)
-
-    def _read_counters(self, values: Mapping[str, int]) -> None:
-        if "steps" not in values:
-            warnings.warn(
-                f"{type(self).__name__}: the state dict has no 'steps'; starting from 0, so the next "
-                "update re-initialises the average from the model",
-                stacklevel=_caller_stacklevel(),
-            )
-        self._steps = values.get("steps", 0)
+    def averaged_state_dict(self) -> dict[str, Tensor]:
+        """The average as a plain state dict of the model: ``module.state_dict()`` without the
+        tensors shared with the model (``frozen="skip"``), detached; what a bare model loads."""
+        counters = set(self.counter_keys)
+        out = {}
+        for k, v in self.state_dict().items():
+            if k not in counters:
+                out[k.removeprefix("module.")] = v.detach()
+        return out
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         self._check_not_swapped("state_dict")
-        for k, v in self._counters().items():
+        for k, v in self.counters().items():
             destination[prefix + k] = torch.tensor(v, dtype=torch.long)
         super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _normalise_keys(self, state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-        """Add the ``module.`` prefix to keys saved without it (OpenMMLab 1.0 layout)."""
-        counters = self._counter_keys()
-        out = {}
-        for k, v in state_dict.items():
-            if k.startswith(prefix):
-                rest = k[len(prefix) :]
-                if rest not in counters and not rest.startswith("module."):
-                    k = prefix + "module." + rest
-            out[k] = v
-        return out
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
@@ -474,43 +525,31 @@ class BaseAveragedModel(nn.Module):
         for path in self._skipped:
             sd.pop("module." + path, None)
         own = self.state_dict(keep_vars=True)
-        counters = self._counter_keys()
+        counters = self.counter_keys
         missing = [k for k in own if k not in sd and k not in counters]
         unexpected = [k for k in sd if k not in own and k not in counters]
-        errors = []
-        if strict and (missing or unexpected):
-            if missing:
-                errors.append(f"missing keys: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-            if unexpected:
-                errors.append(f"unexpected keys: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        for k, v in sd.items():
-            if k not in own and k not in counters:
-                continue
-            if not isinstance(v, Tensor):
-                errors.append(f"{k!r} is a {type(v).__name__}, not a tensor")
-            elif k in counters:
-                if v.numel() != 1 or v.is_floating_point() or v.is_complex():
-                    errors.append(f"{k!r} must be a single integer, got {v.dtype} of shape {tuple(v.shape)}")
-            elif v.shape != own[k].shape:
-                errors.append(f"{k!r} has shape {tuple(v.shape)} in the file but {tuple(own[k].shape)} in the average")
-            elif (v.is_floating_point() or v.is_complex()) and not (own[k].is_floating_point() or own[k].is_complex()):
-                errors.append(f"{k!r} is {v.dtype} in the file but {own[k].dtype} in the average")
+        errors = _key_errors(missing, unexpected) if strict else []
+        errors += _value_errors(sd, own, counters)
         if errors:
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(errors))
 
         def apply() -> None:
-            with torch.no_grad():
-                for k, v in sd.items():
-                    if k in own and k not in counters:
-                        if is_dtensor(own[k]) or is_dtensor(v):
-                            from .distributed import copy_full_
-
-                            copy_full_(own[k], v)
-                        else:
-                            own[k].copy_(v)
-            self._read_counters({k: int(sd[k]) for k in counters if k in sd})
+            _copy_into(own, {k: v for k, v in sd.items() if k in own and k not in counters})
+            self.load_counters({k: int(sd[k]) for k in counters if k in sd})
 
         return apply, _IncompatibleKeys(missing, unexpected)
+
+    def _normalise_keys(self, state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        """Add the ``module.`` prefix to keys saved without it (OpenMMLab 1.0 layout)."""
+        counters = self.counter_keys
+        out = {}
+        for k, v in state_dict.items():
+            if k.startswith(prefix):
+                rest = k[len(prefix) :]
+                if rest not in counters and not rest.startswith("module."):
+                    k = prefix + "module." + rest
+            out[k] = v
+        return out
 
     def _load_from_state_dict(
         self,
@@ -527,8 +566,8 @@ class BaseAveragedModel(nn.Module):
         normalised = self._normalise_keys(state_dict, prefix)
         state_dict.clear()
         state_dict.update(normalised)
-        counters = self._counter_keys()
-        self._read_counters({k: int(state_dict.pop(prefix + k)) for k in counters if prefix + k in state_dict})
+        counters = self.counter_keys
+        self.load_counters({k: int(state_dict.pop(prefix + k)) for k in counters if prefix + k in state_dict})
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -562,11 +601,11 @@ class BaseAveragedModel(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._engine = self._make_engine()
+        self._engine = AveragingEngine(self.module, update_buffers=self.update_buffers, kinds=self._kinds)
 
     def extra_repr(self) -> str:
         try:
-            rule = "avg_func" if self._has_avg_func() else repr(self.schedule)
+            rule = "avg_func" if self.custom_rule else repr(self.schedule)
         except ValueError as e:  # e.g. CosineEMA before max_steps is known
             rule = f"<{e}>"
         return f"steps={self._steps}, interval={self.interval}, rule={rule}"
@@ -577,270 +616,45 @@ def _drop_skipped(module: BaseAveragedModel, state_dict: dict, prefix: str, loca
         state_dict.pop(prefix + "module." + path, None)
 
 
-class ExponentialMovingAverage(BaseAveragedModel):
-    """Exponential moving average of a model's weights with a constant momentum.
-
-    .. math:: \\bar\\theta_{t+1} = (1 - m)\\,\\bar\\theta_t + m\\,\\theta_t
-
-    where :math:`m` is ``momentum``, the weight of the new value (the *decay* of torch,
-    timm and diffusers is :math:`\\beta = 1 - m`). The average forgets with a half-life of
-    :math:`\\ln 2 / -\\ln(1 - m)` steps: about 3,466 steps at the default 2e-4, 693 at
-    1e-3. With ``interval`` :math:`k` each update uses :math:`1 - (1 - m)^k` (see
-    :class:`BaseAveragedModel`), so the half-life stays the same in steps.
-
-    Args:
-        model, interval, device, update_buffers, dtype, compensate_interval: as
-            :class:`BaseAveragedModel`.
-        momentum: in :math:`(0, 1)`; a value above 0.5 (likely a decay passed as a
-            momentum) gives a warning. Defaults to 0.0002.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        momentum: float = 0.0002,
-        interval: int = 1,
-        device: torch.device | str | None = None,
-        update_buffers: bool = False,
-        *,
-        dtype: torch.dtype | None = None,
-        compensate_interval: bool = True,
-    ) -> None:
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 < momentum < 1.0:
-            raise ValueError(f"momentum must be in (0, 1), got {momentum!r}")
-        if momentum > 0.5:
-            warnings.warn(
-                f"momentum={momentum} is the weight of the new value and is usually small; "
-                f"did you mean momentum={1 - momentum:.6g} (a decay of {momentum})?",
-                UserWarning,
-                stacklevel=_caller_stacklevel(),
-            )
-        super().__init__(model, interval, device, update_buffers, dtype=dtype, compensate_interval=compensate_interval)
-        self.momentum = float(momentum)
-
-    def make_schedule(self) -> Schedule:
-        return ConstantMomentum(self.momentum)
+def _few(keys: list[str], n: int = 5) -> str:
+    return f"{keys[:n]}{' ...' if len(keys) > n else ''}"
 
 
-class MomentumAnnealingEMA(ExponentialMovingAverage):
-    """EMA whose momentum starts large and anneals to ``momentum`` (mmengine).
-
-    .. math:: m(t) = \\max\\left(m, \\frac{\\gamma}{\\gamma + t}\\right)
-
-    where :math:`m` is ``momentum``, :math:`\\gamma` is ``gamma`` and :math:`t` is
-    ``steps``. The floor 2e-4 is reached at about 499,900 steps with ``gamma=100``.
-
-    Args:
-        model, momentum, interval, device, update_buffers, dtype, compensate_interval: as
-            :class:`ExponentialMovingAverage`.
-        gamma: > 0. Defaults to 100.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        momentum: float = 0.0002,
-        gamma: int = 100,
-        interval: int = 1,
-        device: torch.device | str | None = None,
-        update_buffers: bool = False,
-        *,
-        dtype: torch.dtype | None = None,
-        compensate_interval: bool = True,
-    ) -> None:
-        MomentumAnnealing(momentum, gamma)  # validates (gamma finite and > 0)
-        super().__init__(
-            model, momentum, interval, device, update_buffers, dtype=dtype, compensate_interval=compensate_interval
-        )
-        self.gamma = gamma
-
-    def make_schedule(self) -> Schedule:
-        return MomentumAnnealing(self.momentum, self.gamma)
+def _key_errors(missing: list[str], unexpected: list[str]) -> list[str]:
+    """What a strict load reports about keys."""
+    errors = []
+    if missing:
+        errors.append(f"missing keys: {_few(missing)}")
+    if unexpected:
+        errors.append(f"unexpected keys: {_few(unexpected)}")
+    return errors
 
 
-class StochasticWeightAverage(BaseAveragedModel):
-    """Stochastic weight averaging: the equal average of every averaged snapshot.
-
-    .. math:: \\bar\\theta_{n+1} = \\bar\\theta_n + \\frac{\\theta - \\bar\\theta_n}{n + 1}
-
-    where :math:`n` is the number of snapshots already averaged (``steps // interval``), so
-    after :math:`N` snapshots each has weight :math:`1/N`. ``interval`` chooses which steps
-    are snapshots; it is not compensated (an equal average has no horizon to keep). Run
-    :func:`polyak.update_bn` before evaluating a BatchNorm model (Izmailov et al., 2018).
-
-    Args: as :class:`BaseAveragedModel`.
-    """
-
-    def make_schedule(self) -> Schedule:
-        return EqualAverage()
-
-
-class RampUpEMA(BaseAveragedModel):
-    """EMA with StyleGAN's half-life in images and a ramp-up (mmagic).
-
-    .. math::
-
-        \\beta(t) = 0.5^{\\,b / \\max(\\min(1000\\,k,\\; r\\,(t+1)\\,b),\\; \\epsilon)}, \\qquad
-        m(t) = 1 - \\beta(t)
-
-    where :math:`b` is ``batch_size``, :math:`k` is ``ema_kimg``, :math:`r` is
-    ``ema_rampup`` (``None``: no ramp) and :math:`t` is ``steps``. Calls before
-    ``start_iter`` copy the model and do not advance ``steps``. With ``interval`` :math:`k`
-    each update uses the decay of :math:`k` batches.
-
-    Args:
-        model, interval, device, update_buffers, dtype, compensate_interval: as
-            :class:`BaseAveragedModel`.
-        ema_kimg: half-life in thousands of images. Defaults to 10.
-        ema_rampup: ramp-up ratio, or None. Defaults to 0.05.
-        batch_size: global batch size. Defaults to 32.
-        eps: floor of the half-life. Defaults to 1e-8.
-        start_iter: number of initial calls that only copy. Defaults to 0.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        interval: int = 1,
-        ema_kimg: int = 10,
-        ema_rampup: float | None = 0.05,
-        batch_size: int = 32,
-        eps: float = 1e-8,
-        start_iter: int = 0,
-        device: torch.device | str | None = None,
-        update_buffers: bool = False,
-        *,
-        dtype: torch.dtype | None = None,
-        compensate_interval: bool = True,
-    ) -> None:
-        RampUpMomentum(ema_kimg, ema_rampup, batch_size, eps)  # validates
-        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
-            raise ValueError(f"start_iter must be an int >= 0, got {start_iter!r}")
-        super().__init__(model, interval, device, update_buffers, dtype=dtype, compensate_interval=compensate_interval)
-        self.ema_kimg = ema_kimg
-        self.ema_rampup = ema_rampup
-        self.batch_size = batch_size
-        self.eps = eps
-        self.start_iter = start_iter
-        self._start_calls = 0
-
-    def make_schedule(self) -> Schedule:
-        return RampUpMomentum(self.ema_kimg, self.ema_rampup, self.batch_size, self.eps)
-
-    @staticmethod
-    def rampup(
-        steps: int, ema_kimg: float = 10, ema_rampup: float | None = 0.05, batch_size: int = 4, eps: float = 1e-8
-    ) -> float:
-        """The decay :math:`\\beta` (not the momentum) at ``steps``, as mmagic's ``rampup``."""
-        return RampUpMomentum(ema_kimg, ema_rampup, batch_size, eps).decay(int(steps))
-
-    def _next_action(self) -> tuple[str, float | None]:
-        # Copy the model while fewer than start_iter calls were made, then average.
-        if self._start_calls < self.start_iter:
-            return "sync", None
-        return super()._next_action()
-
-    def _count(self, action: str, momentum: float | None) -> None:
-        if action == "sync":
-            self._start_calls += 1
-        super()._count(action, momentum)
-
-    def _counters(self) -> dict[str, int]:
-        counters = super()._counters()
-        if self.start_iter:
-            counters["start_calls"] = self._start_calls
-        return counters
-
-    def _counter_keys(self) -> tuple[str, ...]:
-        return ("steps", "start_calls")
-
-    def _read_counters(self, values: Mapping[str, int]) -> None:
-        super()._read_counters(values)
-        self._start_calls = values.get("start_calls", self.start_iter if self._steps else 0)
+def _value_errors(sd: Mapping[str, Any], own: Mapping[str, Tensor], counters: tuple[str, ...]) -> list[str]:
+    """What is wrong with the values of the keys the average reads: each must be a tensor, a
+    counter a single integer, a tensor of the average's shape, and averaged where the average
+    averages."""
+    errors = []
+    for k, v in sd.items():
+        if k not in own and k not in counters:
+            continue
+        if not isinstance(v, Tensor):
+            errors.append(f"{k!r} is a {type(v).__name__}, not a tensor")
+        elif k in counters:
+            if v.numel() != 1 or is_averaged(v):
+                errors.append(f"{k!r} must be a single integer, got {v.dtype} of shape {tuple(v.shape)}")
+        elif v.shape != own[k].shape:
+            errors.append(f"{k!r} has shape {tuple(v.shape)} in the file but {tuple(own[k].shape)} in the average")
+        elif is_averaged(v) and not is_averaged(own[k]):
+            errors.append(f"{k!r} is {v.dtype} in the file but {own[k].dtype} in the average")
+    return errors
 
 
-class CosineEMA(ExponentialMovingAverage):
-    """EMA whose momentum follows a half cosine from ``momentum`` to ``end_momentum``
-    (mmpretrain; BYOL, MoCo v3).
-
-    .. math::
-
-        m(t) = m_{\\text{end}} - (m_{\\text{end}} - m_{\\text{start}})
-               \\,\\frac{\\cos(\\pi \\min(t, T) / T) + 1}{2}
-
-    where :math:`m_{\\text{start}}` is ``momentum``, :math:`m_{\\text{end}}` is
-    ``end_momentum``, :math:`T` is ``max_steps`` and :math:`t` is ``steps`` (mmpretrain's
-    docstring flips the sign of the second term; its code, followed here, does not).
-    ``max_steps`` may be set after construction (the hooks set it from the trainer's
-    ``max_iters``); averaging without it raises :class:`ValueError`.
-
-    Args:
-        model, interval, device, update_buffers, dtype, compensate_interval: as
-            :class:`BaseAveragedModel`.
-        momentum: start momentum, in (0, 1). Defaults to 0.004.
-        end_momentum: end momentum, in [0, 1]. Defaults to 0.
-        max_steps: the step :math:`T` at which ``end_momentum`` is reached.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        momentum: float = 0.004,
-        end_momentum: float = 0.0,
-        interval: int = 1,
-        device: torch.device | str | None = None,
-        update_buffers: bool = False,
-        max_steps: int | None = None,
-        *,
-        dtype: torch.dtype | None = None,
-        compensate_interval: bool = True,
-    ) -> None:
-        CosineMomentum(momentum, end_momentum, max_steps if max_steps is not None else 1)  # validates
-        super().__init__(
-            model, momentum, interval, device, update_buffers, dtype=dtype, compensate_interval=compensate_interval
-        )
-        self.end_momentum = float(end_momentum)
-        self.max_steps = max_steps
-
-    def make_schedule(self) -> Schedule:
-        if self.max_steps is None:
-            raise ValueError(
-                "CosineEMA needs max_steps (the total number of training steps) before it can average: "
-                "pass max_steps= or set ema.max_steps"
-            )
-        return CosineMomentum(self.momentum, self.end_momentum, self.max_steps)
-
-
-class ExpMomentumEMA(ExponentialMovingAverage):
-    r"""EMA whose momentum decays exponentially to ``momentum`` (mmdet; YOLOX, RTMDet).
-
-    .. math:: m(t) = (1 - m)\,e^{-(1 + t)/\gamma} + m
-
-    where :math:`m` is ``momentum``, :math:`\gamma` is ``gamma`` and :math:`t` is ``steps``.
-
-    Args:
-        model, momentum, interval, device, update_buffers, dtype, compensate_interval: as
-            :class:`ExponentialMovingAverage`.
-        gamma: > 0. Defaults to 2000.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        momentum: float = 0.0002,
-        gamma: int = 2000,
-        interval: int = 1,
-        device: torch.device | str | None = None,
-        update_buffers: bool = False,
-        *,
-        dtype: torch.dtype | None = None,
-        compensate_interval: bool = True,
-    ) -> None:
-        ExpMomentum(momentum, gamma)  # validates
-        super().__init__(
-            model, momentum, interval, device, update_buffers, dtype=dtype, compensate_interval=compensate_interval
-        )
-        self.gamma = gamma
-
-    def make_schedule(self) -> Schedule:
-        return ExpMomentum(self.momentum, self.gamma)
+def _copy_into(own: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> None:
+    """Write checked values into the average's tensors (a full tensor into a DTensor's shard)."""
+    with torch.no_grad():
+        for k, v in values.items():
+            if is_dtensor(own[k]) or is_dtensor(v):
+                copy_full_(own[k], v)
+            else:
+                own[k].copy_(v)

@@ -34,10 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import formats
 from .averaged_model import AveragedModel
+from .checkpoint import FORMAT_VERSION
+from .files import FormatError, save_weights
 from .group import AverageGroup
 from .schedules import PowerFunction, gamma_to_sigma_rel, sigma_rel_to_gamma
+from .tensors import is_averaged
+from .validation import check_int
 
 __all__ = [
     "PostHocEMA",
@@ -54,11 +57,10 @@ __all__ = [
 ]
 
 FORMAT = "polyak-posthoc"
-FORMAT_VERSION = "1"
 _NAME = re.compile(r"^(?P<profile>.+)-(?P<step>\d{9,})\.safetensors$")
 
 
-class SnapshotError(ValueError):
+class SnapshotError(FormatError):
     """A snapshot file is missing, unreadable, or inconsistent with the others."""
 
 
@@ -303,51 +305,72 @@ def synthesize(
     """The post-hoc average for ``sigma_rel`` (or ``gamma``) at ``at_step``: a state dict that
     the model loads (float32 for floating tensors).
 
-    Each snapshot file is read once, tensor by tensor, and accumulated in float32 with its
-    coefficient (:func:`plan_synthesis`); tensors the averages copied rather than averaged
+    .. math:: \\hat\\theta = \\sum_i c_i\\,\\bar\\theta_i
+
+    where :math:`\\bar\\theta_i` are the snapshots :func:`plan_synthesis` chose and :math:`c_i`
+    its coefficients. Each snapshot file is read once, tensor by tensor, and accumulated in
+    float32 (complex64 for complex tensors); tensors the averages copied rather than averaged
     (integer and non-averaged buffers) come from the latest snapshot used. With ``out`` the
     result is also written (``.safetensors``, or ``torch.save`` otherwise), atomically.
     ``progress`` wraps the iteration over files (e.g. ``tqdm.tqdm``).
     """
-    from safetensors import safe_open
-
     plan = (
         snapshots
         if isinstance(snapshots, SynthesisPlan)
         else plan_synthesis(snapshots, sigma_rel, gamma=gamma, at_step=at_step)
     )
+    result = _combine(plan, progress)
+    if out is not None:
+        save_weights(out, result, {"format": "polyak-posthoc-synthesis", **_plan_metadata(plan)})
+    return result
+
+
+def _combine(plan: SynthesisPlan, progress: Callable[[Iterable[Any]], Iterable[Any]] | None) -> dict[str, Tensor]:
+    """:math:`\\sum_i c_i \\bar\\theta_i` over the plan's snapshots, oldest first."""
     order = sorted(zip(plan.snapshots, plan.coefficients.tolist(), strict=True), key=lambda x: x[0].step)
     latest = order[-1][0]
     acc: dict[str, Tensor] = {}
     keys: list[str] | None = None
     items: Iterable[tuple[Snapshot, float]] = progress(order) if progress is not None else order
     for snap, coef in items:
-        try:
-            with safe_open(str(snap.path), framework="pt") as f:
-                names = list(f.keys())
-                if keys is None:
-                    keys = names
-                elif sorted(names) != sorted(keys):
-                    diff = sorted(set(names) ^ set(keys))[:5]
-                    raise SnapshotError(f"snapshot {snap.path} holds other tensors than the first one: {diff}")
-                for name in names:
-                    t = f.get_tensor(name)
-                    if name in snap.copied or not t.is_floating_point():
-                        if snap is latest:
-                            acc[name] = t.clone() if not t.is_floating_point() else t.float()
-                        continue
-                    if name in acc:
-                        acc[name].add_(t.float(), alpha=coef)
-                    else:
-                        acc[name] = t.float().mul_(coef)
-        except SnapshotError:
-            raise
-        except Exception as e:
-            raise SnapshotError(f"snapshot {snap.path} could not be read: {e}") from e
-    result = {k: acc[k] for k in (keys or [])}
-    if out is not None:
-        formats.save_weights(out, result, {"format": "polyak-posthoc-synthesis", **_plan_metadata(plan)})
-    return result
+        keys = _accumulate(snap, coef, acc, keys, latest=snap is latest)
+    return {k: acc[k] for k in (keys or [])}
+
+
+def _accumulate(
+    snap: Snapshot, coef: float, acc: dict[str, Tensor], keys: list[str] | None, *, latest: bool
+) -> list[str]:
+    """Add ``coef`` times each averaged tensor of one snapshot file to ``acc`` (and take the
+    copied ones from it when it is the ``latest``); returns its tensor names, which must be those
+    of the first snapshot read (``keys``)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(snap.path), framework="pt") as f:
+            names = list(f.keys())
+            if keys is not None and sorted(names) != sorted(keys):
+                diff = sorted(set(names) ^ set(keys))[:5]
+                raise SnapshotError(f"snapshot {snap.path} holds other tensors than the first one: {diff}")
+            for name in names:
+                _add(acc, name, f.get_tensor(name), coef, copied=name in snap.copied, latest=latest)
+    except SnapshotError:
+        raise
+    except Exception as e:
+        raise SnapshotError(f"snapshot {snap.path} could not be read: {e}") from e
+    return names if keys is None else keys
+
+
+def _add(acc: dict[str, Tensor], name: str, t: Tensor, coef: float, *, copied: bool, latest: bool) -> None:
+    """One tensor of one snapshot into the sum (averaged tensors widened to float32/complex64)."""
+    if copied or not is_averaged(t):
+        if latest:
+            acc[name] = t.clone() if not t.is_floating_point() else t.float()
+        return
+    wide = t.to(torch.complex64 if t.is_complex() else torch.float32)
+    if name in acc:
+        acc[name].add_(wide, alpha=coef)
+    else:
+        acc[name] = wide.mul_(coef)
 
 
 def _plan_metadata(plan: SynthesisPlan) -> dict[str, str]:
@@ -414,14 +437,11 @@ class PostHocEMA(nn.Module):
                 f"sigma_rels must be distinct to 4 decimals (they name the snapshot files), got {sigma_rels}"
             )
         if snapshot_every is not None:
-            if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
-                raise ValueError(f"snapshot_every must be a positive int, got {snapshot_every!r}")
+            check_int("snapshot_every", snapshot_every, 1)
             if snapshot_dir is None:
                 raise ValueError("snapshot_every needs snapshot_dir")
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if batch_size is not None:
+            check_int("batch_size", batch_size, 1)
         if not (isinstance(snapshot_dtype, torch.dtype) and snapshot_dtype.is_floating_point):
             raise ValueError(f"snapshot_dtype must be a floating torch.dtype, got {snapshot_dtype!r}")
         self.sigma_rels = sigma_rels
@@ -477,12 +497,10 @@ class PostHocEMA(nn.Module):
         """Write every profile's average now (see the class docstring); returns the paths."""
         if self.snapshot_dir is None:
             raise ValueError("PostHocEMA has no snapshot_dir")
-        from .checkpoint import averaged_weights
-
         step = self.steps
         paths = []
         for s, avg in zip(self.sigma_rels, self.averages, strict=True):
-            weights = averaged_weights(avg)
+            weights = avg.averaged_state_dict()
             copied = sorted(n for n, kind in avg.tensor_kinds().items() if kind != "avg" and n in weights)
             tensors = {
                 k: (v.to(self.snapshot_dtype) if v.is_floating_point() and k not in copied else v).contiguous()
@@ -490,7 +508,7 @@ class PostHocEMA(nn.Module):
             }
             metadata = {
                 "format": FORMAT,
-                "version": FORMAT_VERSION,
+                "version": str(FORMAT_VERSION),
                 "profile": _profile_name(s),
                 "sigma_rel": repr(s),
                 "gamma": repr(avg.schedule.gamma),  # type: ignore[attr-defined]
@@ -501,7 +519,7 @@ class PostHocEMA(nn.Module):
                 "copied": json.dumps(copied),
             }
             path = self.snapshot_dir / f"{_profile_name(s)}-{step:09d}.safetensors"
-            formats.save_weights(path, tensors, metadata)
+            save_weights(path, tensors, metadata)
             paths.append(path)
         return paths
 

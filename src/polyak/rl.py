@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import weakref
 
 from torch import Tensor, nn
 
 from .engine import AveragingEngine
+from .validation import check_number
 
 __all__ = ["soft_update", "hard_update"]
 
@@ -47,9 +47,10 @@ def soft_update(target: nn.Module, online: nn.Module, tau: float | Tensor, *, up
             raise ValueError(
                 f"tau must be a float or a 0-d floating tensor, got {tau.dtype} of shape {tuple(tau.shape)}"
             )
-    elif isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau) or not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau must be in [0, 1] (the weight of the online network), got {tau!r}")
-    _engine(target, update_buffers).average_(online, tau if isinstance(tau, Tensor) else float(tau))
+        weight: float | Tensor = tau
+    else:
+        weight = check_number("tau (the weight of the online network)", tau, 0.0, 1.0)
+    _engine(target, update_buffers).average_(online, weight)
 
 
 def hard_update(target: nn.Module, online: nn.Module) -> None:

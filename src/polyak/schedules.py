@@ -23,8 +23,12 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .registry import Registry
+from .validation import check_int, check_number
+
 __all__ = [
     "Schedule",
+    "SCHEDULES",
     "ConstantMomentum",
     "MomentumAnnealing",
     "EqualAverage",
@@ -44,22 +48,8 @@ __all__ = [
 ]
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_float(name: str, value: object, low: float, high: float, *, open_low: bool, open_high: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    below = v <= low if open_low else v < low
-    above = v >= high if open_high else v > high
-    if math.isnan(v) or below or above:
-        lo, hi = "(" if open_low else "[", ")" if open_high else "]"
-        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
-    return v
+#: Every schedule class by name, for :func:`schedule_from_dict` and configs.
+SCHEDULES: Registry[type[Schedule]] = Registry("schedule")
 
 
 class Schedule:
@@ -109,13 +99,14 @@ class Schedule:
         return hash((type(self).__name__, tuple(self._args().items())))
 
 
+@SCHEDULES.register
 class ConstantMomentum(Schedule):
     """The same momentum at every step (mmengine/mmagic ``ExponentialMovingAverage``).
 
     .. math:: m(t) = m
 
-    where :math:`m` is ``momentum``, in :math:`(0, 1]`, or :math:`1 - \beta` given
-    ``decay`` :math:`\beta`, or given ``half_life`` (see :func:`resolve_decay`).
+    where :math:`m` is ``momentum``, in :math:`(0, 1]`, or :math:`1 - \\beta` given
+    ``decay`` :math:`\\beta`, or given ``half_life`` (see :func:`resolve_decay`).
 
     >>> ConstantMomentum(0.0002)(0), ConstantMomentum(0.0002).decay(10)
     (0.0002, 0.9998)
@@ -146,6 +137,7 @@ class ConstantMomentum(Schedule):
         return {"momentum": self.value}
 
 
+@SCHEDULES.register
 class MomentumAnnealing(Schedule):
     """A large momentum early, annealed to a floor (mmengine ``MomentumAnnealingEMA``).
 
@@ -160,8 +152,8 @@ class MomentumAnnealing(Schedule):
     """
 
     def __init__(self, momentum: float = 0.0002, gamma: float = 100) -> None:
-        self.floor = _check_float("momentum", momentum, 0.0, 1.0, open_low=True, open_high=False)
-        self.gamma = _check_float("gamma", gamma, 0.0, math.inf, open_low=True, open_high=True)
+        self.floor = check_number("momentum", momentum, 0.0, 1.0, open_low=True, open_high=False)
+        self.gamma = check_number("gamma", gamma, 0.0, math.inf, open_low=True, open_high=True)
 
     def momentum(self, step: int) -> float:
         return max(self.floor, self.gamma / (self.gamma + step))
@@ -170,6 +162,7 @@ class MomentumAnnealing(Schedule):
         return {"momentum": self.floor, "gamma": self.gamma}
 
 
+@SCHEDULES.register
 class EqualAverage(Schedule):
     """The equal average of every averaged snapshot (SWA).
 
@@ -193,6 +186,7 @@ class EqualAverage(Schedule):
         return self.momentum(step // interval)
 
 
+@SCHEDULES.register
 class RampUpMomentum(Schedule):
     """StyleGAN's half-life in images with a ramp-up (mmagic ``RampUpEMA.rampup``).
 
@@ -219,14 +213,14 @@ class RampUpMomentum(Schedule):
         batch_size: int = 32,
         eps: float = 1e-8,
     ) -> None:
-        self.ema_kimg = _check_float("ema_kimg", ema_kimg, 0.0, math.inf, open_low=False, open_high=True)
+        self.ema_kimg = check_number("ema_kimg", ema_kimg, 0.0, math.inf, open_low=False, open_high=True)
         self.ema_rampup = (
             None
             if ema_rampup is None
-            else _check_float("ema_rampup", ema_rampup, 0.0, math.inf, open_low=True, open_high=True)
+            else check_number("ema_rampup", ema_rampup, 0.0, math.inf, open_low=True, open_high=True)
         )
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.eps = _check_float("eps", eps, 0.0, math.inf, open_low=True, open_high=True)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self.eps = check_number("eps", eps, 0.0, math.inf, open_low=True, open_high=True)
 
     def momentum(self, step: int) -> float:
         return 1.0 - self._beta(step)
@@ -249,6 +243,7 @@ class RampUpMomentum(Schedule):
         }
 
 
+@SCHEDULES.register
 class CosineMomentum(Schedule):
     """Cosine annealing of the momentum (mmpretrain ``CosineEMA``, BYOL, MoCo v3).
 
@@ -268,9 +263,9 @@ class CosineMomentum(Schedule):
     """
 
     def __init__(self, momentum: float = 0.004, end_momentum: float = 0.0, max_steps: int = 1) -> None:
-        self.start = _check_float("momentum", momentum, 0.0, 1.0, open_low=False, open_high=False)
-        self.end = _check_float("end_momentum", end_momentum, 0.0, 1.0, open_low=False, open_high=False)
-        self.max_steps = _check_int("max_steps", max_steps, 1)
+        self.start = check_number("momentum", momentum, 0.0, 1.0, open_low=False, open_high=False)
+        self.end = check_number("end_momentum", end_momentum, 0.0, 1.0, open_low=False, open_high=False)
+        self.max_steps = check_int("max_steps", max_steps, 1)
 
     def momentum(self, step: int) -> float:
         k = min(step, self.max_steps)
@@ -290,9 +285,7 @@ def schedule_from_dict(data: Mapping[str, Any]) -> Schedule:
         name, args = data["type"], dict(data.get("args", {}))
     except (KeyError, TypeError) as e:
         raise ValueError(f"not a schedule description: {data!r}") from e
-    cls = _REGISTRY.get(name)  # type: ignore[arg-type]
-    if cls is None:
-        raise ValueError(f"unknown schedule type {name!r}; known: {sorted(_REGISTRY)}")
+    cls = SCHEDULES.lookup(name, what="schedule type")
     args = {k: schedule_from_dict(v) if isinstance(v, Mapping) and "type" in v else v for k, v in args.items()}
     return cls(**args)
 
@@ -326,21 +319,22 @@ def resolve_decay(
     if half_life_unit not in ("updates", "samples"):
         raise ValueError(f"half_life_unit must be 'updates' or 'samples', got {half_life_unit!r}")
     if momentum is not None:
-        return 1.0 - _check_float("momentum", momentum, 0.0, 1.0, open_low=True, open_high=False)
+        return 1.0 - check_number("momentum", momentum, 0.0, 1.0, open_low=True, open_high=False)
     if decay is not None:
-        return _check_float("decay", decay, 0.0, 1.0, open_low=False, open_high=True)
+        return check_number("decay", decay, 0.0, 1.0, open_low=False, open_high=True)
     if half_life is not None:
-        h = _check_float("half_life", half_life, 0.0, math.inf, open_low=True, open_high=True)
+        h = check_number("half_life", half_life, 0.0, math.inf, open_low=True, open_high=True)
         if half_life_unit == "samples":
             if batch_size is None:
                 raise ValueError("half_life_unit='samples' needs batch_size= (samples per update)")
-            return 0.5 ** (_check_int("batch_size", batch_size, 1) / h)
+            return 0.5 ** (check_int("batch_size", batch_size, 1) / h)
         return 0.5 ** (1.0 / h)
     if default is None:
         raise ValueError("give one of momentum, decay and half_life")
     return default
 
 
+@SCHEDULES.register
 class Warmup(Schedule):
     """A decay that warms up as an inverse power of the step (timm, diffusers, ema-pytorch).
 
@@ -384,10 +378,10 @@ class Warmup(Schedule):
         self.max_decay = resolve_decay(
             decay=decay, half_life=half_life, half_life_unit=half_life_unit, batch_size=batch_size, default=0.9999
         )
-        self.inv_gamma = _check_float("inv_gamma", inv_gamma, 0.0, math.inf, open_low=True, open_high=True)
-        self.power = _check_float("power", power, 0.0, math.inf, open_low=True, open_high=True)
-        self.min_decay = _check_float("min_decay", min_decay, 0.0, self.max_decay, open_low=False, open_high=False)
-        self.update_after_step = _check_int("update_after_step", update_after_step, 0)
+        self.inv_gamma = check_number("inv_gamma", inv_gamma, 0.0, math.inf, open_low=True, open_high=True)
+        self.power = check_number("power", power, 0.0, math.inf, open_low=True, open_high=True)
+        self.min_decay = check_number("min_decay", min_decay, 0.0, self.max_decay, open_low=False, open_high=False)
+        self.update_after_step = check_int("update_after_step", update_after_step, 0)
         self.warmup = bool(warmup)
 
     def momentum(self, step: int) -> float:
@@ -413,6 +407,7 @@ class Warmup(Schedule):
         }
 
 
+@SCHEDULES.register
 class NumUpdatesWarmup(Schedule):
     """TensorFlow's ``num_updates`` warm-up (torch_ema, diffusers without ``use_ema_warmup``).
 
@@ -449,6 +444,7 @@ class NumUpdatesWarmup(Schedule):
         return {"decay": self.max_decay}
 
 
+@SCHEDULES.register
 class ExpMomentum(Schedule):
     """A momentum that decays exponentially to a floor (mmdet ``ExpMomentumEMA``, YOLOX).
 
@@ -462,8 +458,8 @@ class ExpMomentum(Schedule):
     """
 
     def __init__(self, momentum: float = 0.0002, gamma: float = 2000) -> None:
-        self.floor = _check_float("momentum", momentum, 0.0, 1.0, open_low=True, open_high=True)
-        self.gamma = _check_float("gamma", gamma, 0.0, math.inf, open_low=True, open_high=True)
+        self.floor = check_number("momentum", momentum, 0.0, 1.0, open_low=True, open_high=True)
+        self.gamma = check_number("gamma", gamma, 0.0, math.inf, open_low=True, open_high=True)
 
     def momentum(self, step: int) -> float:
         return (1.0 - self.floor) * math.exp(-(1.0 + step) / self.gamma) + self.floor
@@ -472,6 +468,7 @@ class ExpMomentum(Schedule):
         return {"momentum": self.floor, "gamma": self.gamma}
 
 
+@SCHEDULES.register
 class MMCVWarmup(Schedule):
     """mmcv 1.x ``EMAHook``'s warm-up of the momentum.
 
@@ -487,8 +484,8 @@ class MMCVWarmup(Schedule):
     """
 
     def __init__(self, momentum: float = 0.0002, warm_up: int = 100) -> None:
-        self.value = _check_float("momentum", momentum, 0.0, 1.0, open_low=True, open_high=True)
-        self.warm_up = _check_int("warm_up", warm_up, 1)
+        self.value = check_number("momentum", momentum, 0.0, 1.0, open_low=True, open_high=True)
+        self.warm_up = check_int("warm_up", warm_up, 1)
 
     def momentum(self, step: int) -> float:
         return min(self.value, (1.0 + step) / (self.warm_up + step))
@@ -505,7 +502,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     >>> round(gamma_to_sigma_rel(6.94), 4)
     0.1
     """
-    g = _check_float("gamma", gamma, -1.0, math.inf, open_low=True, open_high=True)
+    g = check_number("gamma", gamma, -1.0, math.inf, open_low=True, open_high=True)
     return math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
 
 
@@ -529,7 +526,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     >>> round(sigma_rel_to_gamma(0.05), 2), round(sigma_rel_to_gamma(0.10), 2)
     (16.97, 6.94)
     """
-    s = _check_float("sigma_rel", sigma_rel, 0.0, _SIGMA_REL_MAX, open_low=True, open_high=True)
+    s = check_number("sigma_rel", sigma_rel, 0.0, _SIGMA_REL_MAX, open_low=True, open_high=True)
     t = s**-2
 
     def cubic(g: float) -> float:
@@ -547,6 +544,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     return (lo + hi) / 2
 
 
+@SCHEDULES.register
 class PowerFunction(Schedule):
     """EDM2's power-function EMA, whose profile keeps a fixed relative width at every step.
 
@@ -570,7 +568,7 @@ class PowerFunction(Schedule):
         if (gamma is None) == (sigma_rel is None):
             raise ValueError("give exactly one of gamma and sigma_rel")
         if gamma is not None:
-            self.gamma = _check_float("gamma", gamma, -1.0, math.inf, open_low=True, open_high=True)
+            self.gamma = check_number("gamma", gamma, -1.0, math.inf, open_low=True, open_high=True)
         else:
             self.gamma = sigma_rel_to_gamma(sigma_rel)  # type: ignore[arg-type]
 
@@ -588,6 +586,7 @@ class PowerFunction(Schedule):
         return {"gamma": self.gamma}
 
 
+@SCHEDULES.register
 class StartAt(Schedule):
     """Copy the model until ``start``, then follow ``schedule`` counted from there.
 
@@ -626,14 +625,14 @@ class StartAt(Schedule):
         if start_epoch is not None:
             if steps_per_epoch is None:
                 raise ValueError("start_epoch needs steps_per_epoch")
-            start = _check_int("start_epoch", start_epoch, 0) * _check_int("steps_per_epoch", steps_per_epoch, 1)
+            start = check_int("start_epoch", start_epoch, 0) * check_int("steps_per_epoch", steps_per_epoch, 1)
         elif start_fraction is not None:
             if total_steps is None:
                 raise ValueError("start_fraction needs total_steps")
-            f = _check_float("start_fraction", start_fraction, 0.0, 1.0, open_low=False, open_high=False)
-            start = math.ceil(f * _check_int("total_steps", total_steps, 1))
+            f = check_number("start_fraction", start_fraction, 0.0, 1.0, open_low=False, open_high=False)
+            start = math.ceil(f * check_int("total_steps", total_steps, 1))
         self.inner = schedule
-        self.start = _check_int("start", start, 0)
+        self.start = check_int("start", start, 0)
 
     def momentum(self, step: int) -> float:
         return 1.0 if step < self.start else self.inner.momentum(step - self.start)
@@ -690,21 +689,3 @@ def _compensated(momentum: Callable[[int], float], step: int, interval: int, com
             return 1.0
         log_keep += math.log1p(-m)
     return -math.expm1(log_keep)
-
-
-_REGISTRY: dict[str, type[Schedule]] = {
-    cls.__name__: cls
-    for cls in (
-        ConstantMomentum,
-        MomentumAnnealing,
-        EqualAverage,
-        RampUpMomentum,
-        CosineMomentum,
-        Warmup,
-        NumUpdatesWarmup,
-        ExpMomentum,
-        MMCVWarmup,
-        PowerFunction,
-        StartAt,
-    )
-}

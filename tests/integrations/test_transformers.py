@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 
 import polyak
-from polyak.checkpoint import averaged_weights
 from polyak.integrations.transformers import (
     AVERAGING_STATE_NAME,
     LIVE_KEY,
@@ -185,8 +184,8 @@ def test_averages_follow_optimizer_steps_with_gradient_accumulation(tmp_path) ->
     assert rec.substeps == 12 and len(rec.weights) == 6  # 2 micro-batches per optimizer step
     averages = trainer.averaging.averages
     assert averages["ema"].steps == averages["swa"].steps == 6
-    assert_close(averaged_weights(averages["ema"]), ema_reference(rec.weights, 0.25))
-    assert_close(averaged_weights(averages["swa"]), swa_reference(rec.weights))
+    assert_close(averages["ema"].averaged_state_dict(), ema_reference(rec.weights, 0.25))
+    assert_close(averages["swa"].averaged_state_dict(), swa_reference(rec.weights))
     assert_equal(f64(trainer.model), rec.weights[-1])  # the live weights stay in the model
 
     train_logs = [e for e in trainer.state.log_history if "loss" in e]
@@ -200,7 +199,7 @@ def test_callback_alone_updates_and_logs(tmp_path) -> None:
     trainer = Trainer(model=make_model(), args=make_args(tmp_path), train_dataset=TRAIN, callbacks=[callback, rec])
     trainer.train()
     assert callback.averages["ema"].steps == 6
-    assert_close(averaged_weights(callback.averages["ema"]), ema_reference(rec.weights, 0.25))
+    assert_close(callback.averages["ema"].averaged_state_dict(), ema_reference(rec.weights, 0.25))
     train_logs = [e for e in trainer.state.log_history if "loss" in e]
     assert [e["ema_decay"] for e in train_logs] == [0.0] + [0.75] * 5
 
@@ -238,7 +237,7 @@ def test_skipped_optimizer_step_does_not_update(tmp_path, optim) -> None:
     average = trainer.averaging.averages["ema"]
     assert average.steps == 5
     taken = [w for i, w in enumerate(rec.weights) if i != 1]
-    assert_close(averaged_weights(average), ema_reference(taken, 0.25))
+    assert_close(average.averaged_state_dict(), ema_reference(taken, 0.25))
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -296,14 +295,14 @@ def test_evaluate_restores_live_weights_when_it_raises(tmp_path) -> None:
     trainer.train()
     live, avg = (
         f64(trainer.model),
-        {k: v.clone() for k, v in averaged_weights(trainer.averaging.averages["ema"]).items()},
+        {k: v.clone() for k, v in trainer.averaging.averages["ema"].averaged_state_dict().items()},
     )
     trainer.evaluate_live = False
     trainer.compute_metrics = compute_metrics
     with pytest.raises(RuntimeError, match="boom"):
         trainer.evaluate()
     assert_equal(f64(trainer.model), live)
-    assert_equal(averaged_weights(trainer.averaging.averages["ema"]), avg)
+    assert_equal(trainer.averaging.averages["ema"].averaged_state_dict(), avg)
     trainer.compute_metrics = None
     assert "eval_ema_loss" in trainer.evaluate()  # not left half-swapped
 
@@ -340,10 +339,10 @@ def test_checkpoint_layout_resume_and_export(tmp_path) -> None:
 
     # the saved model weights load into a bare model and are the average
     final = full.averaging.averages
-    assert_equal(TinyModel.from_pretrained(ckpt6).state_dict(), averaged_weights(final["ema"]))
+    assert_equal(TinyModel.from_pretrained(ckpt6).state_dict(), final["ema"].averaged_state_dict())
     last = torch.load(ckpt6 / AVERAGING_STATE_NAME, map_location="cpu", weights_only=True)
     assert_equal(last[LIVE_KEY], full.model.state_dict())
-    assert_equal(last["polyak"]["averages"]["swa"]["weights"], averaged_weights(final["swa"]))
+    assert_equal(last["polyak"]["averages"]["swa"]["weights"], final["swa"].averaged_state_dict())
 
     # resume from step 3 in a fresh Trainer: the model gets the live weights, training goes on
     # exactly as if it had not stopped
@@ -365,7 +364,7 @@ def test_checkpoint_layout_resume_and_export(tmp_path) -> None:
     assert final["cos"].max_steps == resumed.averaging.averages["cos"].max_steps == 6
     for name in averages:
         assert resumed.averaging.averages[name].steps == final[name].steps == 6
-        assert_equal(averaged_weights(resumed.averaging.averages[name]), averaged_weights(final[name]))
+        assert_equal(resumed.averaging.averages[name].averaged_state_dict(), final[name].averaged_state_dict())
     assert_equal(resumed.model.state_dict(), full.model.state_dict())
 
     # the same checkpoint resumed by the callback alone in a plain Trainer (load_state reads the
@@ -376,15 +375,15 @@ def test_checkpoint_layout_resume_and_export(tmp_path) -> None:
     assert_equal(plain.model.state_dict(), state[LIVE_KEY])
     plain.train(resume_from_checkpoint=str(ckpt3))
     for name in averages:
-        assert_equal(averaged_weights(callback.averages[name]), averaged_weights(final[name]))
+        assert_equal(callback.averages[name].averaged_state_dict(), final[name].averaged_state_dict())
 
     # save_model exports the primary average, or the live weights
     full.save_model(str(tmp_path / "export"))
-    assert_equal(TinyModel.from_pretrained(tmp_path / "export").state_dict(), averaged_weights(final["ema"]))
+    assert_equal(TinyModel.from_pretrained(tmp_path / "export").state_dict(), final["ema"].averaged_state_dict())
     assert not (tmp_path / "export" / AVERAGING_STATE_NAME).exists()
     with full.averaged("swa"):
         full.save_model(str(tmp_path / "swa"))
-    assert_equal(TinyModel.from_pretrained(tmp_path / "swa").state_dict(), averaged_weights(final["swa"]))
+    assert_equal(TinyModel.from_pretrained(tmp_path / "swa").state_dict(), final["swa"].averaged_state_dict())
     full.export_average = False
     full.save_model(str(tmp_path / "live"))
     assert_equal(TinyModel.from_pretrained(tmp_path / "live").state_dict(), full.model.state_dict())
@@ -412,18 +411,18 @@ def test_tied_weights_of_a_real_architecture(tmp_path) -> None:
     )
     full.train()
     ckpt3 = str(tmp_path / "full" / "checkpoint-3")
-    expected = averaged_weights(full.averaging.averages["ema"])
+    expected = full.averaging.averages["ema"].averaged_state_dict()
     assert_equal(GPT2LMHeadModel.from_pretrained(tmp_path / "full" / "checkpoint-6").state_dict(), expected)
 
     resumed = AveragingTrainer(model=gpt2(), args=make_args(tmp_path / "r"), train_dataset=train, averages=averages)
     resumed.train(resume_from_checkpoint=ckpt3)
-    assert_equal(averaged_weights(resumed.averaging.averages["ema"]), expected)
+    assert_equal(resumed.averaging.averages["ema"].averaged_state_dict(), expected)
 
     callback = AveragingCallback(averages)
     plain = Trainer(model=gpt2(), args=make_args(tmp_path / "p"), train_dataset=train, callbacks=[callback])
     callback.load_state(ckpt3, plain.model)
     plain.train(resume_from_checkpoint=ckpt3)
-    assert_equal(averaged_weights(callback.averages["ema"]), expected)
+    assert_equal(callback.averages["ema"].averaged_state_dict(), expected)
     assert_equal(plain.model.state_dict(), full.model.state_dict())
 
 
@@ -440,14 +439,14 @@ def test_low_precision_model_keeps_its_fp32_average_exactly(tmp_path) -> None:
 
     full = run(tmp_path / "full")
     average = full.averaging.averages["ema"]
-    assert all(t.dtype == torch.float32 for t in averaged_weights(average).values())
+    assert all(t.dtype == torch.float32 for t in average.averaged_state_dict().values())
     ckpt3 = tmp_path / "full" / "checkpoint-3"
     state = torch.load(ckpt3 / AVERAGING_STATE_NAME, map_location="cpu", weights_only=True)
     assert state[WEIGHTS_KEY]["fc1.weight"].dtype == torch.float32  # the model file is bf16: kept here
     deployed = TinyModel.from_pretrained(ckpt3, dtype=torch.bfloat16).state_dict()
     assert_equal(deployed, {k: v.to(torch.bfloat16) for k, v in state[WEIGHTS_KEY].items()})
     resumed = run(tmp_path / "resumed", resume=str(ckpt3))
-    assert_equal(averaged_weights(resumed.averaging.averages["ema"]), averaged_weights(average))
+    assert_equal(resumed.averaging.averages["ema"].averaged_state_dict(), average.averaged_state_dict())
     assert_equal(resumed.model.state_dict(), full.model.state_dict())
 
 
@@ -472,7 +471,7 @@ def test_load_best_model_restores_that_checkpoints_averages(tmp_path) -> None:
     saved = torch.load(os.path.join(best, AVERAGING_STATE_NAME), map_location="cpu", weights_only=True)
     assert_equal(trainer.model.state_dict(), saved[LIVE_KEY])
     assert trainer.averaging.averages["ema"].steps == saved["polyak"]["averages"]["ema"]["steps"]
-    assert_equal(averaged_weights(trainer.averaging.averages["ema"]), TinyModel.from_pretrained(best).state_dict())
+    assert_equal(trainer.averaging.averages["ema"].averaged_state_dict(), TinyModel.from_pretrained(best).state_dict())
 
 
 def test_callback_alone_saves_state_and_resumes_with_load_state(tmp_path) -> None:
@@ -495,7 +494,7 @@ def test_callback_alone_saves_state_and_resumes_with_load_state(tmp_path) -> Non
     assert WEIGHTS_KEY in state  # the model file holds the live weights here
     assert_equal(TinyModel.from_pretrained(ckpt3).state_dict(), state[LIVE_KEY])
     resumed, cb_resumed = run(tmp_path / "resumed", resume=str(ckpt3))
-    assert_equal(averaged_weights(cb_resumed.averages["ema"]), averaged_weights(cb_full.averages["ema"]))
+    assert_equal(cb_resumed.averages["ema"].averaged_state_dict(), cb_full.averages["ema"].averaged_state_dict())
     assert_equal(resumed.model.state_dict(), full.model.state_dict())
 
 
@@ -517,7 +516,7 @@ def test_resume_from_checkpoint_without_averages_starts_them_from_its_weights(tm
     trainer.train(resume_from_checkpoint=str(ckpt3))
     average = trainer.averaging.averages["ema"]
     assert average.steps == 3 and len(rec.weights) == 3
-    assert_close(averaged_weights(average), ema_reference(rec.weights, 0.25))
+    assert_close(average.averaged_state_dict(), ema_reference(rec.weights, 0.25))
 
 
 # -- arguments ----------------------------------------------------------------------------------

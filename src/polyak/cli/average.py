@@ -13,11 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..tensors import is_averaged
+
 __all__ = ["register", "run", "Averager", "Source"]
 
 
 def register(sub: Any) -> None:
-    from . import add_io_options
+    from .options import add_io_options
 
     p = sub.add_parser(
         "average",
@@ -65,7 +67,7 @@ def _natural_key(path: Path) -> list[Any]:
 def select(paths: Sequence[Path], last: int | None, sort: str) -> list[Path]:
     """The files to average: all of them in the order given, or the last ``last`` in ``sort``
     order (``"name"``: natural order of the file names; ``"mtime"``: modification time)."""
-    from . import CLIError
+    from .options import CLIError
 
     for p in paths:
         if not p.exists():
@@ -84,7 +86,7 @@ def select(paths: Sequence[Path], last: int | None, sort: str) -> list[Path]:
 
 def parse_weights(text: str | None, n: int) -> list[float]:
     """``n`` weights summing to 1: uniform, or ``text`` (comma-separated) normalised."""
-    from . import CLIError
+    from .options import CLIError
 
     if text is None:
         return [1.0 / n] * n
@@ -109,7 +111,7 @@ class Source:
     read (``lazy`` False)."""
 
     def __init__(self, path: Path, args: argparse.Namespace) -> None:
-        from ..formats import SafetensorsFile, sniff
+        from ..files import SafetensorsFile, sniff
 
         self.path, self._args = path, args
         self.kind = sniff(path)
@@ -119,8 +121,8 @@ class Source:
         self.where = ""
 
     def open(self) -> None:
-        from ..formats import SafetensorsFile, model_state_dict
-        from . import read
+        from ..files import SafetensorsFile, model_state_dict
+        from .options import read
 
         if self.kind == "safetensors":
             self._sf = SafetensorsFile(self.path)
@@ -149,12 +151,8 @@ class Source:
         return self._state[key]
 
 
-def _averaged(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point or dtype.is_complex
-
-
 def _check_layouts(sources: Sequence[Source], layouts: Sequence[dict[str, Any]]) -> None:
-    from . import CLIError
+    from .options import CLIError
 
     first, ref = sources[0], layouts[0]
     for src, lay in zip(sources[1:], layouts[1:], strict=True):
@@ -170,7 +168,7 @@ def _check_layouts(sources: Sequence[Source], layouts: Sequence[dict[str, Any]])
             other_shape, other_dtype = lay[k]
             if other_shape != shape:
                 raise CLIError(f"tensor {k!r} has shape {shape} in {first.path} but {other_shape} in {src.path}")
-            if _averaged(other_dtype) != _averaged(dtype):
+            if is_averaged(other_dtype) != is_averaged(dtype):
                 raise CLIError(f"tensor {k!r} is {dtype} in {first.path} but {other_dtype} in {src.path}")
 
 
@@ -234,7 +232,7 @@ class Averager:
         last = self.sources[-1]
         for k in self.keys:
             shape, dtype = self.layout[k]
-            if not _averaged(dtype):
+            if not is_averaged(dtype):
                 yield k, last.get(k).clone()
                 continue
             if dtype.is_complex:
@@ -255,7 +253,7 @@ class Averager:
             yield k, acc.to(dtype, copy=True)
 
     def _by_file(self) -> dict[str, Tensor]:
-        from . import progress
+        from .console import progress
 
         accs: dict[str, Tensor] = {}
         out: dict[str, Tensor] = {}
@@ -266,7 +264,7 @@ class Averager:
                 src.open()
             for k in self.keys:
                 t = src.get(k)
-                if _averaged(self.layout[k][1]):
+                if is_averaged(self.layout[k][1]):
                     if k in accs:
                         accs[k].add_(_wide(t), alpha=w)
                     else:
@@ -281,8 +279,8 @@ class Averager:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..formats import check_output, save_weights
-    from . import human_bytes, progress, say
+    from ..files import check_output, save_weights
+    from .console import human_bytes, progress, say
 
     paths = select(args.checkpoints, args.last, args.sort)
     weights = parse_weights(args.weights, len(paths))

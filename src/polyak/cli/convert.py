@@ -13,7 +13,7 @@ __all__ = ["register", "run"]
 
 
 def register(sub: Any) -> None:
-    from . import add_io_options, add_source_options
+    from .options import add_io_options, add_source_options
 
     p = sub.add_parser(
         "convert",
@@ -54,9 +54,10 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import checkpoint as ckpt
-    from ..formats import check_output, save_checkpoint
+    from ..files import check_output, save_checkpoint
     from ..schedules import ConstantMomentum
-    from . import CLIError, find_average, human_bytes, progress, say
+    from .console import human_bytes, progress, say
+    from .options import CLIError, find_average
 
     out = check_output(args.out, [args.checkpoint] + ([args.names_from] if args.names_from else []))
     if out.suffix == ".safetensors":

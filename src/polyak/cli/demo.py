@@ -95,7 +95,7 @@ def register(sub: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    from . import CLIError
+    from .options import CLIError
 
     base = {**DEFAULTS, **(QUICK if args.quick else {})}
     s = {
@@ -131,7 +131,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import CLIError
+    from .options import CLIError
 
     settings = _settings(args)
     try:

@@ -16,7 +16,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def register(sub: Any) -> None:
-    from . import add_io_options, add_source_options
+    from .options import add_io_options, add_source_options
 
     p = sub.add_parser(
         "export",
@@ -50,7 +50,7 @@ def export_metadata(record: dict[str, Any], *, name: str, fmt: str, source: Path
     """The labels of an exported average (strings, for safetensors): ``averaged``,
     ``method``, ``class``, ``schedule`` (JSON), ``decay`` / ``momentum`` / ``sigma_rel`` /
     ``gamma`` where the schedule says, ``step``, ``average``, ``source_format``, ``source``."""
-    from ..formats import schedule_summary
+    from .console import schedule_summary
 
     meta: dict[str, str] = {"format": "polyak-export", "averaged": "true", "average": name}
     summary = schedule_summary(record.get("schedule"))
@@ -70,8 +70,9 @@ def export_metadata(record: dict[str, Any], *, name: str, fmt: str, source: Path
 
 def run(args: argparse.Namespace) -> int:
     from .. import checkpoint as ckpt
-    from ..formats import check_output, save_weights
-    from . import CLIError, find_average, human_bytes, progress, say
+    from ..files import check_output, save_weights
+    from .console import human_bytes, progress, say
+    from .options import CLIError, find_average
 
     out = check_output(args.out, [args.checkpoint] + ([args.names_from] if args.names_from else []))
     loaded, found = find_average(args, args.checkpoint)

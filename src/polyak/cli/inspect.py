@@ -17,7 +17,7 @@ __all__ = ["register", "run", "describe"]
 
 
 def register(sub: Any) -> None:
-    from . import add_io_options
+    from .options import add_io_options
 
     p = sub.add_parser(
         "inspect",
@@ -37,7 +37,7 @@ def register(sub: Any) -> None:
 
 
 def _describe_value(v: Any) -> str:
-    from ..formats import Opaque, iter_tensors
+    from ..files import Opaque, iter_tensors
 
     if isinstance(v, Tensor):
         return f"tensor {str(v.dtype).removeprefix('torch.')} {list(v.shape)}"
@@ -54,7 +54,7 @@ def _describe_value(v: Any) -> str:
 
 
 def _average_info(found: Any) -> dict[str, Any]:
-    from ..formats import schedule_summary
+    from .console import schedule_summary
 
     averages = {}
     for name, rec in found.records.items():
@@ -82,8 +82,9 @@ def _average_info(found: Any) -> dict[str, Any]:
 
 def describe(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     """What :func:`run` prints, as a dict (the ``--json`` output)."""
-    from ..formats import SafetensorsFile, identify, is_state_dict, iter_tensors
-    from . import read
+    from ..files import SafetensorsFile, is_state_dict, iter_tensors
+    from .formats import identify
+    from .options import read
 
     loaded = read(args, path, note=False, mmap=True, lazy_safetensors=True)
     obj = loaded.obj
@@ -118,7 +119,7 @@ def describe(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 
 
 def _text(info: dict[str, Any]) -> str:
-    from . import human_bytes
+    from .console import human_bytes
 
     lines = [f"file:       {info['file']} ({human_bytes(info['file_bytes'])})"]
     read_with = {

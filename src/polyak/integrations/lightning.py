@@ -36,9 +36,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 from .. import checkpoint as ckpt
 from ..averaged_model import AveragedModel
-from ..hooks import AVERAGED_MODELS, OptimizerStepCounter
-from ..models import BaseAveragedModel, CosineEMA
+from ..hooks import OptimizerStepCounter
+from ..models import AVERAGES, BaseAveragedModel
 from ..schedules import ConstantMomentum, Warmup, schedule_from_dict
+from ..validation import check_int
 
 __all__ = ["EMA", "WeightAveraging"]
 
@@ -61,13 +62,14 @@ def _factory(name: str, spec: Any) -> Callable[[nn.Module], BaseAveragedModel]:
         if "type" not in kwargs:
             raise ValueError(
                 f"average {name!r}: a mapping needs a 'type' (an averaged-model class or one of "
-                f"{sorted(AVERAGED_MODELS)}), got keys {sorted(kwargs)}"
+                f"{sorted(AVERAGES)}), got keys {sorted(kwargs)}"
             )
         cls = kwargs.pop("type")
         if isinstance(cls, str):
-            if cls not in AVERAGED_MODELS:
-                raise ValueError(f"average {name!r}: unknown type {cls!r}; known: {sorted(AVERAGED_MODELS)}")
-            cls = AVERAGED_MODELS[cls]
+            try:
+                cls = AVERAGES.lookup(cls, what="type")
+            except ValueError as e:
+                raise ValueError(f"average {name!r}: {e}") from None
         if not (isinstance(cls, type) and issubclass(cls, BaseAveragedModel)):
             raise ValueError(f"average {name!r}: type must be a polyak averaged-model class, got {cls!r}")
         if isinstance(kwargs.get("schedule"), Mapping):  # {"type": "Warmup", "args": {...}} from a config file
@@ -106,7 +108,7 @@ class WeightAveraging(Callback):
       ``trainer.estimated_stepping_batches``.
     * **Updating.** Once per optimizer step that really ran, every average folds in the live
       weights if :meth:`should_update` agrees. Steps are counted with
-      :class:`polyak.OptimizerStepCounter` (a post-hook on each of ``trainer.optimizers``): a step
+      :class:`polyak.hooks.OptimizerStepCounter` (a post-hook on each of ``trainer.optimizers``): a step
       that a ``GradScaler`` skipped (inf/NaN gradients) calls no ``optimizer.step()`` and does not
       count, although ``trainer.global_step`` advances; a fused optimizer, which the scaler calls
       anyway, is asked for its ``found_inf`` (one host sync per step, only then);
@@ -266,10 +268,10 @@ class WeightAveraging(Callback):
         average = factory(pl_module)
         if not isinstance(average, BaseAveragedModel):
             raise TypeError(f"the factory of average {name!r} returned {type(average).__name__}, not a polyak average")
-        if isinstance(average, CosineEMA) and average.max_steps is None:
+        if average.needs_total_steps:
             total = trainer.estimated_stepping_batches
             if math.isfinite(total):
-                average.max_steps = int(total)
+                average.set_total_steps(int(total))
         return average
 
     def _start_from_model(self, names: Iterable[str], pl_module: nn.Module) -> None:
@@ -634,8 +636,8 @@ class EMA(WeightAveraging):
             ("update_starting_at_step", update_starting_at_step),
             ("update_starting_at_epoch", update_starting_at_epoch),
         ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ValueError(f"{arg} must be an int >= 0 or None, got {value!r}")
+            if value is not None:
+                check_int(arg, value, 0)
         factory = functools.partial(
             AveragedModel, schedule=schedule, interval=interval, use_buffers=update_buffers, device=device, dtype=dtype
         )

@@ -14,7 +14,7 @@ allow_failed_imports=False)``) does three things:
   mmengine's ``Runner.resume`` / ``load_checkpoint`` call), the few non-tensor globals that every
   mmengine checkpoint holds in its ``message_hub`` (:func:`allow_mmengine_checkpoints`).
 
-The hook is :class:`polyak.EMAHook` (one implementation) with mmengine's ``Hook`` as a base and
+The hook is :class:`polyak.hooks.EMAHook` (one implementation) with mmengine's ``Hook`` as a base and
 the current momentum logged as ``train/ema_momentum`` through ``runner.message_hub``, so it
 appears in mmengine's log lines and in every visualisation backend (``vis_data/scalars.json``).
 """
@@ -31,8 +31,8 @@ from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS, MODELS, Registry
 
-from ..hooks import AVERAGED_MODELS, EMAHook
-from ..models import BaseAveragedModel
+from ..hooks import EMAHook
+from ..models import AVERAGES, BaseAveragedModel
 
 __all__ = [
     "PolyakEMAHook",
@@ -47,7 +47,7 @@ __all__ = [
 PREFIX = "Polyak"
 
 #: mmengine ``MODELS`` name -> polyak class, as registered at import.
-REGISTERED_MODELS: dict[str, type[BaseAveragedModel]] = {PREFIX + name: cls for name, cls in AVERAGED_MODELS.items()}
+REGISTERED_MODELS: dict[str, type[BaseAveragedModel]] = {PREFIX + name: cls for name, cls in AVERAGES.items()}
 
 
 def _resolve_ema_type(ema_type: Any) -> Any:
@@ -55,24 +55,24 @@ def _resolve_ema_type(ema_type: Any) -> Any:
     (``"ExponentialMovingAverage"``) and polyak's registered ones
     (``"PolyakExponentialMovingAverage"``) map to polyak's classes; any other name is looked
     up in mmengine's ``MODELS`` and must be a polyak :class:`~polyak.BaseAveragedModel`."""
-    if not isinstance(ema_type, str) or ema_type in AVERAGED_MODELS:
+    if not isinstance(ema_type, str) or ema_type in AVERAGES:
         return ema_type
     if ema_type in REGISTERED_MODELS:
         return REGISTERED_MODELS[ema_type]
     cls = MODELS.get(ema_type)
     if isinstance(cls, type) and issubclass(cls, BaseAveragedModel):
         return cls
-    known = sorted({*AVERAGED_MODELS, *REGISTERED_MODELS})
+    known = sorted({*AVERAGES, *REGISTERED_MODELS})
     found = "" if cls is None else f" (MODELS has {cls!r}, which is not a polyak averaged model)"
     raise ValueError(f"unknown ema_type {ema_type!r}{found}; known: {known}")
 
 
 class PolyakEMAHook(EMAHook, Hook):
-    """polyak's :class:`~polyak.EMAHook` as an mmengine hook (registered as ``"PolyakEMAHook"``).
+    """polyak's :class:`~polyak.hooks.EMAHook` as an mmengine hook (registered as ``"PolyakEMAHook"``).
 
     The arguments are mmengine ``EMAHook``'s (``ema_type``, ``strict_load``, ``begin_iter``,
     ``begin_epoch``, ``**kwargs`` for the averaged model) plus polyak's keyword-only ``swap``,
-    ``warm_up``, ``resume_from`` (see :class:`polyak.EMAHook`) and ``log_key``. ``ema_type``
+    ``warm_up``, ``resume_from`` (see :class:`polyak.hooks.EMAHook`) and ``log_key``. ``ema_type``
     takes mmengine's names (``"ExponentialMovingAverage"``, ``"MomentumAnnealingEMA"``, ...,
     built as polyak's classes), the registered ``"Polyak..."`` names, or the ``MODELS`` name of
     a polyak :class:`~polyak.BaseAveragedModel` subclass of your own.

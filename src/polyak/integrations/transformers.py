@@ -16,7 +16,7 @@ is loaded, so the work is split in two (docs/integrations/transformers.md):
   restores every average), ``load_best_model_at_end``, and ``save_model`` exporting the average.
 
 Skipped steps: the callback counts calls of the underlying ``torch.optim.Optimizer.step``
-(:class:`polyak.OptimizerStepCounter`, a step post-hook on the optimizer inside accelerate's
+(:class:`polyak.hooks.OptimizerStepCounter`, a step post-hook on the optimizer inside accelerate's
 ``AcceleratedOptimizer``). A ``GradScaler`` that finds inf/NaN gradients does not call it, so
 that step does not update the averages. A fused optimizer (the Trainer's default
 ``adamw_torch_fused``) is the exception: the scaler calls its ``step()`` with
@@ -43,9 +43,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .. import checkpoint as ckpt
-from ..engine import unwrap_model
+from ..files import atomic_write, load
 from ..hooks import OptimizerStepCounter, find_optimizers
-from ..models import BaseAveragedModel, ExponentialMovingAverage
+from ..models import BaseAveragedModel
+from ..openmmlab import ExponentialMovingAverage
+from ..tensors import unwrap_model
 
 __all__ = [
     "AVERAGING_STATE_NAME",
@@ -115,7 +117,7 @@ class AveragingCallback(TrainerCallback):
       ``max_steps`` gets ``state.max_steps``.
     * ``on_step_end`` (once per optimizer step, after gradient accumulation): updates every
       average, unless the optimizer step did not run. That is found by counting calls of the
-      underlying ``torch.optim.Optimizer.step`` (:class:`~polyak.OptimizerStepCounter`): a
+      underlying ``torch.optim.Optimizer.step`` (:class:`~polyak.hooks.OptimizerStepCounter`): a
       ``GradScaler`` that found inf/NaN gradients never calls it, or, for a fused optimizer,
       calls it with ``optimizer.found_inf`` set, which is read then.
     * ``on_log``: adds ``"{name}_decay"`` (the decay of the latest update) to training logs.
@@ -228,8 +230,8 @@ class AveragingCallback(TrainerCallback):
             self._pending_live = None
         self.build(model)
         for average in self.averages.values():
-            if hasattr(average, "max_steps") and average.max_steps is None:
-                average.max_steps = int(state.max_steps)
+            if average.needs_total_steps:
+                average.set_total_steps(int(state.max_steps))
         if self._counter is not None:
             self._counter.close()
         optimizers = find_optimizers(kwargs.get("optimizer"))
@@ -294,7 +296,8 @@ class AveragingCallback(TrainerCallback):
     def save_state(self, directory: str, model: nn.Module, *, include_primary: bool = True) -> str:
         """Write :meth:`state_dict` to ``directory/polyak_averages.pt``; return the path."""
         path = os.path.join(directory, AVERAGING_STATE_NAME)
-        torch.save(self.state_dict(model, include_primary=include_primary), path)
+        state = self.state_dict(model, include_primary=include_primary)
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
         return path
 
     def load_state(self, directory: str, model: nn.Module, *, strict: bool = True, model_loaded: bool = False) -> bool:
@@ -315,7 +318,7 @@ class AveragingCallback(TrainerCallback):
         if not os.path.isfile(path):
             self.reset()
             return False
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load(path).obj
         if not ckpt.has_averages(state):
             raise ValueError(f"{path} holds no polyak block: it was not written by polyak")
         model = unwrap_model(model)
@@ -323,8 +326,8 @@ class AveragingCallback(TrainerCallback):
         records = state[ckpt.KEY].get("averages", {})
         for name, average in self.averages.items():  # CosineEMA needs max_steps to be checked
             saved = (records.get(name) or {}).get("schedule") or {}
-            if getattr(average, "max_steps", 0) is None and "max_steps" in saved.get("args", {}):
-                average.max_steps = int(saved["args"]["max_steps"])
+            if average.needs_total_steps and "max_steps" in saved.get("args", {}):
+                average.set_total_steps(int(saved["args"]["max_steps"]))
         weights_key = state[ckpt.KEY]["weights_key"]
         if weights_key not in state:
             state[weights_key] = model.state_dict() if model_loaded else _read_model_file(directory, model)

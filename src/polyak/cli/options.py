@@ -1,0 +1,83 @@
+"""What the commands read, and the options that say how: ``--unsafe``, ``--quiet``, ``--key``,
+``--format``, ``--names-from``, ``--buffer-names``; and :class:`CLIError`, the one-line error of a
+bad input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..files import load, model_state_dict
+from .console import say
+from .formats import FORMATS, detect
+
+__all__ = ["CLIError", "UNSAFE_WARNING", "add_io_options", "add_source_options", "read", "find_average"]
+
+UNSAFE_WARNING = "warning: --unsafe: unpickling {path} runs whatever code it asks for; use it only on files you trust"
+
+
+class CLIError(Exception):
+    """An error in the command's input, reported as one line."""
+
+
+def add_io_options(p: argparse.ArgumentParser, *, unsafe: bool = True) -> None:
+    """``--quiet`` and (for commands that read ``.pt`` files) ``--unsafe``."""
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, notes or summary")
+    if unsafe:
+        p.add_argument(
+            "--unsafe",
+            action="store_true",
+            help="unpickle .pt files as they ask, running any code they hold (only for files you trust); "
+            "by default files are read without running code from them",
+        )
+
+
+def add_source_options(p: argparse.ArgumentParser) -> None:
+    """Options that say where the average is in a file: ``--key``, ``--format``,
+    ``--names-from``, ``--buffer-names``."""
+    p.add_argument("--key", help="look for the average only under this top-level key of the file")
+    p.add_argument("--format", choices=FORMATS.names(), help="read the file as this format (default: detect it)")
+    p.add_argument(
+        "--names-from",
+        type=Path,
+        metavar="PLAIN_CKPT",
+        help="a plain checkpoint of the same model, for formats that save tensors by position (torch-ema, "
+        "diffusers): its parameters, in order, name them; its buffers fill in the rest, and it is taken as the "
+        "live weights",
+    )
+    p.add_argument(
+        "--buffer-names",
+        default="",
+        metavar="GLOB[,GLOB]",
+        help="with --names-from: names (fnmatch globs) of floating buffers that are not parameters, besides "
+        "BatchNorm statistics",
+    )
+
+
+def read(args: argparse.Namespace, path: Path, *, note: bool = True, **kwargs: Any) -> Any:
+    """:func:`polyak.files.load` with ``--unsafe``, its warning, and (``note``) a note when
+    objects besides tensors were read as placeholders."""
+    unsafe = bool(getattr(args, "unsafe", False))
+    if unsafe:
+        print(UNSAFE_WARNING.format(path=path), file=sys.stderr)
+    loaded = load(path, unsafe=unsafe, **kwargs)
+    if note and loaded.note:
+        say(args, f"note: {loaded.note}")
+    return loaded
+
+
+def find_average(args: argparse.Namespace, path: Path) -> Any:
+    """The average in ``path`` (:func:`polyak.cli.formats.detect`), with ``--key``, ``--format``,
+    ``--names-from`` and ``--buffer-names``; notes go to stderr."""
+    loaded = read(args, path)
+    names = names_from = None
+    if args.names_from is not None:
+        names, where = model_state_dict(read(args, args.names_from).obj)
+        names_from = f"{args.names_from} ({where})"
+    globs = tuple(g for g in args.buffer_names.split(",") if g)
+    found = detect(loaded, key=args.key, only=args.format, names=names, names_from=names_from, buffer_names=globs)
+    for note in found.notes:
+        say(args, f"note: {note}")
+    return loaded, found

@@ -1,0 +1,104 @@
+"""Argument checks shared by every public constructor and function: each returns the checked
+value or raises :class:`ValueError` naming the argument and the range it must be in.
+
+One rule for every sibling (optax's lesson): a ``bool`` is never accepted as a number, NaN is
+never in a range, and the message says the range with its open or closed ends.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Collection
+from typing import TypeVar
+
+import torch
+
+__all__ = ["check_int", "check_number", "check_choice", "check_float_dtype", "warning_stacklevel"]
+
+T = TypeVar("T")
+
+
+def check_int(name: str, value: object, minimum: int | None = 0, maximum: int | None = None) -> int:
+    """``value`` if it is an ``int`` (not a ``bool``) in ``[minimum, maximum]``.
+
+    >>> check_int("interval", 3, 1)
+    3
+    >>> check_int("interval", 0, 1)
+    Traceback (most recent call last):
+    ValueError: interval must be an int >= 1, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int{_int_range(minimum, maximum)}, got {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an int{_int_range(minimum, maximum)}, got {value!r}")
+    return value
+
+
+def _int_range(minimum: int | None, maximum: int | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in [{minimum}, {maximum}]"
+    if minimum is not None:
+        return f" >= {minimum}"
+    if maximum is not None:
+        return f" <= {maximum}"
+    return ""
+
+
+def check_number(
+    name: str,
+    value: object,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> float:
+    """``value`` as a float if it is a real number (not a ``bool``, not NaN) in the interval
+    from ``low`` to ``high``, each end open or closed.
+
+    >>> check_number("decay", 0.999, 0.0, 1.0)
+    0.999
+    >>> check_number("gamma", 0.0, 0.0, open_low=True)
+    Traceback (most recent call last):
+    ValueError: gamma must be in (0.0, inf), got 0.0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    below = v <= low if open_low else v < low
+    above = v >= high if open_high else v > high
+    if math.isnan(v) or below or above:
+        lo = "(" if open_low or low == -math.inf else "["
+        hi = ")" if open_high or high == math.inf else "]"
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
+    return v
+
+
+def check_choice(name: str, value: T, choices: Collection[T]) -> T:
+    """``value`` if it is one of ``choices``.
+
+    >>> check_choice("swap", "val", ("val", "epoch", None))
+    'val'
+    """
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)!r}, got {value!r}")
+    return value
+
+
+def check_float_dtype(name: str, value: object, *, optional: bool = True) -> torch.dtype | None:
+    """``value`` if it is a floating ``torch.dtype`` (or ``None`` when ``optional``)."""
+    if value is None and optional:
+        return None
+    if not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise ValueError(f"{name} must be a floating torch.dtype{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def warning_stacklevel() -> int:
+    """The ``stacklevel`` for :func:`warnings.warn` that points a warning at the first frame
+    outside polyak (the user's line), however deep inside polyak it is raised."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("polyak"):
+        frame, level = frame.f_back, level + 1
+    return level
