@@ -385,12 +385,12 @@ def test_side_by_side_without_swapping_and_several_dataloaders(tmp_path: Path) -
 
 
 def test_metric_objects_are_reset_for_a_pass_and_given_back() -> None:
-    from polyak.integrations.lightning import _metric_states_kept
+    from polyak.integrations.lightning_eval import metric_states_kept
 
     module = nn.Module()
     module.mae = torchmetrics.MeanAbsoluteError()
     module.mae.update(torch.zeros(3), torch.ones(3))
-    with _metric_states_kept(module):
+    with metric_states_kept(module):
         assert module.mae.update_count == 0
         module.mae.update(torch.zeros(2), torch.full((2,), 5.0))
         assert module.mae.compute().item() == 5.0

@@ -533,3 +533,60 @@ def test_the_allowed_getattr_resolves_only_history_buffer_statistics(tmp_path):
     assert HistoryBuffer in entries and (mm.history_buffer_getattr, "builtins.getattr") in entries
     mm.allow_mmengine_checkpoints()  # again: nothing changes
     assert all(e in torch.serialization.get_safe_globals() for e in entries)
+
+
+ALLOW_LIST_SCRIPT = """
+import json
+import torch
+
+def names(entries):
+    out = set()
+    for e in entries:
+        out.add(e[1] if isinstance(e, tuple) else f"{e.__module__}.{e.__qualname__}")
+    return out
+
+# what the integration imports adds to the list on its own (torch.distributed's classes)
+import mmengine.hooks, mmengine.logging, mmengine.model, mmengine.registry, numpy, polyak.hooks
+before = names(torch.serialization.get_safe_globals())
+import polyak.integrations.mmengine as mm
+after = names(torch.serialization.get_safe_globals())
+print(json.dumps({"added": sorted(after - before), "declared": list(mm.ALLOWED_GLOBALS)}))
+"""
+
+
+def test_importing_the_integration_adds_only_what_mmengine_checkpoints_need(tmp_path):
+    """What ``import polyak.integrations.mmengine`` adds to torch's process-wide allow-list, in a
+    fresh interpreter: exactly the declared list, which is what an mmengine checkpoint's message
+    hub pickles (read off a real checkpoint: HistoryBuffer with float64 values and int64 counts, a
+    float64 ``eta``); a numpy array of another dtype is still refused."""
+    done = subprocess.run(
+        [sys.executable, "-c", ALLOW_LIST_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["added"] == sorted(result["declared"])
+    assert set(result["added"]) == {
+        "builtins.getattr",
+        "mmengine.logging.history_buffer.HistoryBuffer",
+        "numpy.ndarray",
+        "numpy.dtype",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+        "numpy.dtypes.Float64DType",
+        "numpy.dtypes.Int64DType",
+    }
+    integration()
+    import numpy as np
+
+    ok, bad = tmp_path / "f64.pt", tmp_path / "f32.pt"
+    torch.save({"x": np.zeros(3, dtype=np.float64)}, ok)
+    torch.save({"x": np.zeros(3, dtype=np.float32)}, bad)
+    assert torch.load(ok, weights_only=True)["x"].dtype == np.float64
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(bad, weights_only=True)

@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -215,157 +216,183 @@ def _make_model() -> Any:
 # -- training ----------------------------------------------------------------------------------
 
 
+METRICS = ("val_acc", "val_loss", "test_acc", "test_loss")
+
+
 def _train(settings: dict[str, Any], tmp: Path, *, quiet: bool) -> dict[str, Any]:
-    import copy
-
+    """One run: train with the averages beside the live weights, evaluating as it goes, then
+    choose the post-hoc profile; the results as written to ``demo.json``."""
     import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
 
-    import polyak
-    from polyak.posthoc import find_snapshots, plan_synthesis, synthesize
-    from polyak.schedules import EqualAverage, StartAt
-
-    seed, steps, eval_every = settings["seed"], settings["steps"], settings["eval_every"]
     data = _data(settings["label_noise"])
-    torch.manual_seed(seed)
+    torch.manual_seed(settings["seed"])
     model = _make_model()
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=settings["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=True
-    )
+    run = _Run(settings, data, model, tmp)
+    run.fit(quiet=quiet)
+    posthoc = run.choose_posthoc()
+    return run.results(posthoc)
 
-    # The averages: what a user would write.
-    ema_names = {d: f"ema_{d:g}" for d in EMA_DECAYS}
-    averages = polyak.AverageGroup(
-        {
-            # EMA, with the BatchNorm statistics averaged along with the weights
-            # (update_buffers=True); evaluated both as it is and with update_bn.
-            **{
-                name: polyak.ExponentialMovingAverage(model, momentum=1 - d, update_buffers=True)
-                for d, name in ema_names.items()
-            },
-            # SWA: the equal average of the weights after each step from swa_start on (a copy of
-            # the model before it); BatchNorm statistics recomputed by update_bn to evaluate it.
-            "swa": polyak.AveragedModel(model, schedule=StartAt(EqualAverage(), start=settings["swa_start"])),
-        }
-    )
-    posthoc = polyak.PostHocEMA(
-        model,
-        sigma_rels=POSTHOC_TRACKED,
-        snapshot_every=settings["snapshot_every"],
-        snapshot_dir=tmp / "snapshots",
-        snapshot_dtype=torch.float32,
-        batch_size=BATCH_SIZE,
-    )
 
-    x_train, y_train = data["x_train"], data["y_train"]
-    x_eval = torch.cat([data["x_val"], data["x_test"]])
-    y_eval = torch.cat([data["y_val"], data["y_test"]])
-    n_val = len(data["y_val"])
-    bn_batches = list(x_train.split(128))  # update_bn's loader: the training inputs, in order
+class _Curves:
+    """The metrics of every method at every evaluation step."""
 
-    @torch.no_grad()
-    def evaluate(net: torch.nn.Module) -> dict[str, float]:
-        net.eval()
-        logits = net(x_eval)
-        net.train()
-        losses = F.cross_entropy(logits, y_eval, reduction="none")
-        correct = (logits.argmax(1) == y_eval).float()
+    def __init__(self, methods: list[str]) -> None:
+        self.methods = methods
+        self.values: dict[str, dict[str, list]] = {m: {"step": [], **{k: [] for k in METRICS}} for m in methods}
+
+    def record(self, step: int, scores: dict[str, dict[str, float]]) -> None:
+        for m, s in scores.items():
+            self.values[m]["step"].append(step)
+            for k, v in s.items():
+                self.values[m][k].append(v)
+
+    def final(self, method: str) -> dict[str, float]:
+        return {k: v[-1] for k, v in self.values[method].items() if k != "step"}
+
+
+class _Run:
+    """The model, its optimizer and the averages a user would write; how they are evaluated."""
+
+    def __init__(self, settings: dict[str, Any], data: dict[str, Any], model: Any, tmp: Path) -> None:
+        import copy
+
+        import torch
+
+        import polyak
+        from polyak.schedules import EqualAverage, StartAt
+
+        self.settings, self.data, self.model, self.tmp = settings, data, model, tmp
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=settings["lr"], momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, nesterov=True
+        )
+        self.ema_names = {d: f"ema_{d:g}" for d in EMA_DECAYS}
+        self.averages = polyak.AverageGroup(
+            {
+                # EMA, with the BatchNorm statistics averaged along with the weights
+                # (update_buffers=True); evaluated both as it is and with update_bn.
+                **{
+                    name: polyak.ExponentialMovingAverage(model, momentum=1 - d, update_buffers=True)
+                    for d, name in self.ema_names.items()
+                },
+                # SWA: the equal average of the weights after each step from swa_start on (a copy
+                # of the model before it); BatchNorm statistics recomputed by update_bn to evaluate it.
+                "swa": polyak.AveragedModel(model, schedule=StartAt(EqualAverage(), start=settings["swa_start"])),
+            }
+        )
+        self.posthoc = polyak.PostHocEMA(
+            model,
+            sigma_rels=POSTHOC_TRACKED,
+            snapshot_every=settings["snapshot_every"],
+            snapshot_dir=tmp / "snapshots",
+            snapshot_dtype=torch.float32,
+            batch_size=BATCH_SIZE,
+        )
+        self.x_eval = torch.cat([data["x_val"], data["x_test"]])
+        self.y_eval = torch.cat([data["y_val"], data["y_test"]])
+        self.n_val = len(data["y_val"])
+        self.bn_batches = list(data["x_train"].split(128))  # update_bn's loader: the training inputs, in order
+        self.net = copy.deepcopy(model)  # scratch copy: an average with recomputed BatchNorm statistics
+        methods = ["live", *(m for n in self.ema_names.values() for m in (n, n + "_bn_averaged")), "swa", "posthoc"]
+        self.curves = _Curves(methods)
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self, net: Any) -> dict[str, float]:
+        import torch
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            net.eval()
+            logits = net(self.x_eval)
+            net.train()
+            losses = F.cross_entropy(logits, self.y_eval, reduction="none")
+            correct = (logits.argmax(1) == self.y_eval).float()
+        n = self.n_val
         return {
-            "val_acc": correct[:n_val].mean().item(),
-            "val_loss": losses[:n_val].mean().item(),
-            "test_acc": correct[n_val:].mean().item(),
-            "test_loss": losses[n_val:].mean().item(),
+            "val_acc": correct[:n].mean().item(),
+            "val_loss": losses[:n].mean().item(),
+            "test_acc": correct[n:].mean().item(),
+            "test_loss": losses[n:].mean().item(),
         }
 
-    net = copy.deepcopy(model)  # scratch copy: an average with recomputed BatchNorm statistics
+    def with_update_bn(self, average: Any) -> dict[str, float]:
+        """An average evaluated with BatchNorm statistics recomputed for its weights."""
+        import polyak
 
-    def with_update_bn(average: polyak.BaseAveragedModel) -> dict[str, float]:
-        average.copy_to(net)
-        polyak.update_bn(bn_batches, net)
-        return evaluate(net)
+        average.copy_to(self.net)
+        polyak.update_bn(self.bn_batches, self.net)
+        return self.evaluate(self.net)
 
-    def evaluate_all(step: int) -> dict[str, dict[str, float]]:
-        out = {"live": evaluate(model)}
-        for name in ema_names.values():
-            with averages[name].swapped(model):  # the EMA's weights and averaged statistics in the live model
-                out[name + "_bn_averaged"] = evaluate(model)
-            out[name] = with_update_bn(averages[name])
-        if step > settings["swa_start"]:  # at least two snapshots
-            out["swa"] = with_update_bn(averages["swa"])
+    def evaluate_all(self, step: int) -> dict[str, dict[str, float]]:
+        out = {"live": self.evaluate(self.model)}
+        for name in self.ema_names.values():
+            with self.averages[name].swapped(self.model):  # the EMA's weights and averaged statistics
+                out[name + "_bn_averaged"] = self.evaluate(self.model)
+            out[name] = self.with_update_bn(self.averages[name])
+        if step > self.settings["swa_start"]:  # at least two snapshots
+            out["swa"] = self.with_update_bn(self.averages["swa"])
         return out
 
-    methods = ["live", *(m for n in ema_names.values() for m in (n, n + "_bn_averaged")), "swa", "posthoc"]
-    curves: dict[str, dict[str, list]] = {
-        m: {"step": [], "val_acc": [], "val_loss": [], "test_acc": [], "test_loss": []} for m in methods
-    }
+    # -- training ----------------------------------------------------------------------------
 
-    def record(step: int, scores: dict[str, dict[str, float]]) -> None:
-        for m, s in scores.items():
-            curves[m]["step"].append(step)
-            for k, v in s.items():
-                curves[m][k].append(v)
+    def fit(self, *, quiet: bool) -> None:
+        """SGD over shuffled batches, every average updated after each step, all evaluated every
+        ``eval_every`` steps and at the end."""
+        import torch.nn.functional as F
+        from tqdm import tqdm
 
-    g = torch.Generator().manual_seed(seed + 1)
-    order = torch.empty(0, dtype=torch.long)
-    model.train()
-    bar = tqdm(range(1, steps + 1), desc="training", unit="step", file=sys.stderr, disable=quiet, mininterval=0.5)
-    for step in bar:
-        if len(order) < BATCH_SIZE:  # a new epoch: reshuffle, drop the incomplete batch
-            order = torch.randperm(len(y_train), generator=g)
-        idx, order = order[:BATCH_SIZE], order[BATCH_SIZE:]
-        loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        averages.update_parameters(model)
-        posthoc.update_parameters(model)
-        if step % eval_every == 0 or step == steps:
-            scores = evaluate_all(step)
-            record(step, scores)
-            bar.set_postfix(
-                {
-                    "live": f"{scores['live']['val_acc']:.3f}",
-                    "ema": f"{scores[ema_names[EMA_DECAYS[-1]]]['val_acc']:.3f}",
-                },
-                refresh=False,
-            )
-    bar.close()
+        steps, eval_every = self.settings["steps"], self.settings["eval_every"]
+        x_train, y_train = self.data["x_train"], self.data["y_train"]
+        batches = _batches(len(y_train), self.settings["seed"] + 1)
+        self.model.train()
+        bar = tqdm(range(1, steps + 1), desc="training", unit="step", file=sys.stderr, disable=quiet, mininterval=0.5)
+        for step in bar:
+            idx = next(batches)
+            loss = F.cross_entropy(self.model(x_train[idx]), y_train[idx])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.averages.update_parameters(self.model)
+            self.posthoc.update_parameters(self.model)
+            if step % eval_every == 0 or step == steps:
+                scores = self.evaluate_all(step)
+                self.curves.record(step, scores)
+                ema = scores[self.ema_names[EMA_DECAYS[-1]]]
+                bar.set_postfix(
+                    {"live": f"{scores['live']['val_acc']:.3f}", "ema": f"{ema['val_acc']:.3f}"}, refresh=False
+                )
+        bar.close()
 
-    # Post-hoc EMA: choose sigma_rel on the validation split at the end of training, then
-    # synthesize that profile at a few earlier snapshot steps too (for the curve).
+    # -- post-hoc EMA ------------------------------------------------------------------------
 
-    def synthesized(sigma_rel: float, at_step: int) -> tuple[dict[str, float], float]:
-        plan = plan_synthesis(tmp / "snapshots", sigma_rel, at_step=at_step)
-        net.load_state_dict(synthesize(plan))
-        polyak.update_bn(bn_batches, net)  # a least-squares mix of snapshots has no valid BN statistics
-        return evaluate(net), plan.report["relative_error"]
+    def synthesized(self, sigma_rel: float, at_step: int) -> tuple[dict[str, float], float]:
+        """The post-hoc average for ``sigma_rel`` at ``at_step``, evaluated with recomputed
+        BatchNorm statistics (a least-squares mix of snapshots has no valid ones)."""
+        import polyak
+        from polyak.posthoc import plan_synthesis, synthesize
 
-    snapshot_steps = sorted({snap.step for snap in find_snapshots(tmp / "snapshots")})
-    candidates = {}
-    for s in POSTHOC_CANDIDATES:
-        scores, err = synthesized(s, steps)
-        candidates[s] = {**scores, "relative_error": err}
-    sigma_rel = min(candidates, key=lambda s: candidates[s]["val_loss"])
-    stride = max(1, len(snapshot_steps) // settings["posthoc_points"])
-    curve_steps = sorted({*snapshot_steps[stride - 1 :: stride], steps})
-    for at in curve_steps:
-        scores, _ = synthesized(sigma_rel, at)
-        record(at, {"posthoc": scores})
+        plan = plan_synthesis(self.tmp / "snapshots", sigma_rel, at_step=at_step)
+        self.net.load_state_dict(synthesize(plan))
+        polyak.update_bn(self.bn_batches, self.net)
+        return self.evaluate(self.net), plan.report["relative_error"]
 
-    final = {m: {k: v[-1] for k, v in c.items() if k != "step"} for m, c in curves.items()}
-    return {
-        "settings": {**settings, "train": len(y_train), "val": n_val, "test": len(data["y_test"])},
-        "labels_flipped": data["flipped"],
-        "methods": {
-            m: {
-                "label": _label(m, settings, sigma_rel),
-                **{k: round(v, 6) for k, v in final[m].items()},
-                "curve": {k: [round(x, 6) if isinstance(x, float) else x for x in v] for k, v in curves[m].items()},
-            }
-            for m in methods
-        },
-        "posthoc": {
+    def choose_posthoc(self) -> dict[str, Any]:
+        """Choose sigma_rel on the validation split at the end of training, then synthesize that
+        profile at a few earlier snapshot steps too (for the curve)."""
+        from polyak.posthoc import find_snapshots
+
+        steps = self.settings["steps"]
+        snapshot_steps = sorted({snap.step for snap in find_snapshots(self.tmp / "snapshots")})
+        candidates = {}
+        for s in POSTHOC_CANDIDATES:
+            scores, err = self.synthesized(s, steps)
+            candidates[s] = {**scores, "relative_error": err}
+        sigma_rel = min(candidates, key=lambda s: candidates[s]["val_loss"])
+        stride = max(1, len(snapshot_steps) // self.settings["posthoc_points"])
+        for at in sorted({*snapshot_steps[stride - 1 :: stride], steps}):
+            scores, _ = self.synthesized(sigma_rel, at)
+            self.curves.record(at, {"posthoc": scores})
+        return {
             "sigma_rel": sigma_rel,
             "chosen_by": "lowest validation loss at the last step",
             "candidates": {
@@ -373,8 +400,41 @@ def _train(settings: dict[str, Any], tmp: Path, *, quiet: bool) -> dict[str, Any
                 for s, c in candidates.items()
             },
             "snapshot_steps": snapshot_steps,
-        },
-    }
+        }
+
+    # -- results -----------------------------------------------------------------------------
+
+    def results(self, posthoc: dict[str, Any]) -> dict[str, Any]:
+        settings, data = self.settings, self.data
+        return {
+            "settings": {**settings, "train": len(data["y_train"]), "val": self.n_val, "test": len(data["y_test"])},
+            "labels_flipped": data["flipped"],
+            "methods": {
+                m: {
+                    "label": _label(m, settings, posthoc["sigma_rel"]),
+                    **{k: round(v, 6) for k, v in self.curves.final(m).items()},
+                    "curve": {
+                        k: [round(x, 6) if isinstance(x, float) else x for x in v]
+                        for k, v in self.curves.values[m].items()
+                    },
+                }
+                for m in self.curves.methods
+            },
+            "posthoc": posthoc,
+        }
+
+
+def _batches(n: int, seed: int) -> Iterator[Any]:
+    """Batch indices for ever: each epoch a new permutation, the incomplete last batch dropped."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    while True:
+        if len(order) < BATCH_SIZE:
+            order = torch.randperm(n, generator=g)
+        idx, order = order[:BATCH_SIZE], order[BATCH_SIZE:]
+        yield idx
 
 
 def _label(method: str, settings: dict[str, Any], sigma_rel: float) -> str:

@@ -15,9 +15,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -27,8 +26,6 @@ try:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-    from lightning.pytorch.utilities.data import extract_batch_size
-    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ModuleNotFoundError(
         "polyak.integrations.lightning needs Lightning 2.x: pip install 'polyak[lightning]'"
@@ -40,6 +37,7 @@ from ..hooks import OptimizerStepCounter
 from ..models import AVERAGES, BaseAveragedModel
 from ..schedules import ConstantMomentum, Warmup, schedule_from_dict
 from ..validation import check_int
+from .lightning_eval import evaluation_pass, publish
 
 __all__ = ["EMA", "WeightAveraging"]
 
@@ -80,17 +78,6 @@ def _factory(name: str, spec: Any) -> Callable[[nn.Module], BaseAveragedModel]:
     raise ValueError(
         f"average {name!r} must be a callable (module -> averaged model) or a mapping with a 'type', got {spec!r}"
     )
-
-
-def _as_list(loaders: Any) -> list[Any]:
-    """The dataloaders of a stage in Lightning's sequential order."""
-    if loaders is None:
-        return []
-    if isinstance(loaders, Mapping):
-        return list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        return list(loaders)
-    return [loaders]
 
 
 def _detached_clone(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -405,57 +392,15 @@ class WeightAveraging(Callback):
     # -- side-by-side evaluation ------------------------------------------------------------------
 
     def _evaluate(self, name: str, stage: str, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """One more pass of the stage's step over its dataloaders with ``name`` swapped in; log the
-        epoch metrics under its prefix."""
-        if stage == "validate":
-            loaders, limits, step, hook = (
-                trainer.val_dataloaders,
-                trainer.num_val_batches,
-                "validation_step",
-                "validation",
-            )
-        else:
-            loaders, limits, step, hook = trainer.test_dataloaders, trainer.num_test_batches, "test_step", "test"
-        loaders = _as_list(loaders)
-        if not loaders:
-            return
-        several = len(loaders) > 1
-        takes_batch_idx = is_param_in_hook_signature(getattr(pl_module, step), "batch_idx", min_args=2)
-        before_transfer = getattr(pl_module, "_on_before_batch_transfer", None) or pl_module.on_before_batch_transfer
-        recorder = _LogRecorder()
+        """One more pass of the stage with ``name`` swapped in (or the live weights); its epoch
+        metrics go to ``trainer.callback_metrics`` and the loggers under the average's prefix."""
         with contextlib.ExitStack() as stack:
             if name != _LIVE:
                 if not self._swap_in(name, pl_module, stage):
                     return
                 stack.callback(self._swap_out)
-            stack.enter_context(torch.no_grad())
-            stack.enter_context(_metric_states_kept(pl_module))
-            stack.enter_context(recorder.capturing(pl_module))
-            getattr(pl_module, f"on_{hook}_epoch_start")()
-            for idx, (loader, limit) in enumerate(zip(loaders, limits, strict=False)):
-                recorder.dataloader_idx = idx if several else None
-                for batch_idx, batch in enumerate(loader):
-                    if batch_idx >= limit:
-                        break
-                    batch = trainer.precision_plugin.convert_input(batch)
-                    batch = before_transfer(batch, dataloader_idx=idx)
-                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
-                    recorder.batch = batch
-                    args = (batch, batch_idx) if takes_batch_idx else (batch,)
-                    getattr(trainer.strategy, step)(*args, *((idx,) if several else ()))
-            recorder.batch = recorder.dataloader_idx = None
-            getattr(pl_module, f"on_{hook}_epoch_end")()
-            metrics = recorder.compute(trainer)
-        metrics = {self.metric_name(name, k): v for k, v in metrics.items()}
-        if not metrics:
-            return
-        trainer.callback_metrics.update(metrics)
-        connector = getattr(trainer, "_logger_connector", None)
-        if connector is not None and hasattr(connector, "log_metrics"):
-            connector.log_metrics(metrics)  # Lightning's step and "epoch" for evaluation-end metrics
-        else:  # pragma: no cover - other Lightning versions
-            for logger in trainer.loggers:
-                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=trainer.global_step)
+            metrics = evaluation_pass(trainer, pl_module, stage)
+        publish(trainer, {self.metric_name(name, k): v for k, v in metrics.items()})
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -652,143 +597,3 @@ class EMA(WeightAveraging):
         if self.update_starting_at_step is not None and step_idx < self.update_starting_at_step:
             return False
         return self.update_starting_at_epoch is None or self._epoch_idx >= self.update_starting_at_epoch
-
-
-# -- capturing self.log for the side-by-side passes --------------------------------------------------
-
-_REDUCE = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
-_REDUCE_FNS = {torch.mean: "mean", torch.sum: "sum", torch.max: "max", torch.min: "min"}
-
-
-class _LogRecorder:
-    """Stands in for ``LightningModule.log`` during a side-by-side pass and reduces what is logged
-    over the epoch as Lightning would (a mean weighted by the batch size by default)."""
-
-    def __init__(self) -> None:
-        self.batch: Any = None
-        self.dataloader_idx: int | None = None
-        self.values: dict[str, tuple[str, Tensor, float, bool]] = {}  # name -> (reduce, total, weight, sync)
-        self.metric_objects: dict[str, Any] = {}
-        self._warned: set[str] = set()
-
-    @contextlib.contextmanager
-    def capturing(self, module: nn.Module) -> Iterator[None]:
-        own = module.__dict__.get("log", None)
-        module.__dict__["log"] = self.log
-        try:
-            yield
-        finally:
-            if own is None:
-                del module.__dict__["log"]
-            else:
-                module.__dict__["log"] = own
-
-    def log(
-        self,
-        name: str,
-        value: Any,
-        prog_bar: bool = False,
-        logger: bool | None = None,
-        on_step: bool | None = None,
-        on_epoch: bool | None = None,
-        reduce_fx: str | Callable[..., Any] = "mean",
-        enable_graph: bool = False,
-        sync_dist: bool = False,
-        sync_dist_group: Any = None,
-        add_dataloader_idx: bool = True,
-        batch_size: int | None = None,
-        metric_attribute: str | None = None,
-        rank_zero_only: bool = False,
-    ) -> None:
-        if on_epoch is False:
-            return  # a per-step value: not an epoch metric
-        if add_dataloader_idx and self.dataloader_idx is not None:
-            name = f"{name}/dataloader_idx_{self.dataloader_idx}"
-        if _is_metric_object(value):
-            self.metric_objects[name] = value
-            return
-        reduce = _REDUCE.get(reduce_fx) if isinstance(reduce_fx, str) else _REDUCE_FNS.get(reduce_fx)
-        if reduce is None:
-            if name not in self._warned:
-                self._warned.add(name)
-                warnings.warn(
-                    f"WeightAveraging: {name!r} is logged with reduce_fx={reduce_fx!r}; side-by-side "
-                    "evaluation reduces only mean, sum, max and min, and leaves it out",
-                    stacklevel=2,
-                )
-            return
-        v = torch.as_tensor(value).detach().to(torch.float64)
-        v = v.mean() if v.numel() != 1 else v.reshape(())
-        weight = 1.0
-        if reduce == "mean":
-            if batch_size is not None:
-                weight = float(batch_size)
-            elif self.batch is not None:
-                with contextlib.suppress(Exception):
-                    weight = float(extract_batch_size(self.batch))
-        previous = self.values.get(name)
-        if previous is None:
-            total = v * weight if reduce == "mean" else v
-            self.values[name] = (reduce, total, weight, sync_dist)
-            return
-        _, total, w, _ = previous
-        if reduce == "mean":
-            total, w = total + v * weight, w + weight
-        elif reduce == "sum":
-            total = total + v
-        else:
-            total = torch.maximum(total, v) if reduce == "max" else torch.minimum(total, v)
-        self.values[name] = (reduce, total, w, sync_dist)
-
-    def compute(self, trainer: pl.Trainer) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        distributed = trainer.world_size > 1
-        for name, (reduce, total, weight, sync) in self.values.items():
-            if reduce == "mean":
-                w = torch.tensor(weight, dtype=torch.float64, device=total.device)
-                if distributed and sync:
-                    total, w = (
-                        trainer.strategy.reduce(total, reduce_op="sum"),
-                        trainer.strategy.reduce(w, reduce_op="sum"),
-                    )
-                value = total / w
-            else:
-                value = trainer.strategy.reduce(total, reduce_op=reduce) if distributed and sync else total
-            out[name] = value.to(torch.float32)
-        for name, metric in self.metric_objects.items():
-            out[name] = torch.as_tensor(metric.compute()).detach().to(torch.float32)
-        return out
-
-
-def _is_metric_object(value: Any) -> bool:
-    try:
-        from torchmetrics import Metric
-    except ImportError:  # pragma: no cover - torchmetrics comes with Lightning
-        return False
-    return isinstance(value, Metric)
-
-
-@contextlib.contextmanager
-def _metric_states_kept(module: nn.Module) -> Iterator[None]:
-    """Reset every torchmetrics ``Metric`` of ``module`` for a side-by-side pass and give each its
-    state back afterwards, so the pass neither sees nor disturbs what the live loops accumulate."""
-    try:
-        from torchmetrics import Metric
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    saved = []
-    for m in module.modules():
-        if isinstance(m, Metric):
-            state = {k: v if isinstance(v, Tensor) else list(v) for k, v in m.metric_state.items()}
-            extra = {a: getattr(m, a) for a in ("_update_count", "_computed", "_forward_cache") if hasattr(m, a)}
-            saved.append((m, state, extra))
-            m.reset()
-    try:
-        yield
-    finally:
-        for m, state, extra in saved:
-            for k, v in state.items():
-                setattr(m, k, v)
-            for a, v in extra.items():
-                setattr(m, a, v)

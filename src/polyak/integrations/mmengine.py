@@ -11,8 +11,11 @@ allow_failed_imports=False)``) does three things:
   ``PolyakStochasticWeightAverage``, ``PolyakRampUpEMA``, ``PolyakCosineEMA``,
   ``PolyakExpMomentumEMA``, ``PolyakAveragedModel``), so ``MODELS.build`` makes them too;
 * allow-lists, for ``torch.load(..., weights_only=True)`` (torch's default since 2.6, and what
-  mmengine's ``Runner.resume`` / ``load_checkpoint`` call), the few non-tensor globals that every
-  mmengine checkpoint holds in its ``message_hub`` (:func:`allow_mmengine_checkpoints`).
+  mmengine's ``Runner.resume`` / ``load_checkpoint`` call), the non-tensor globals that an
+  mmengine checkpoint holds in its ``message_hub``, and nothing more (:data:`ALLOWED_GLOBALS`
+  names them; :func:`allow_mmengine_checkpoints` adds them): mmengine's ``HistoryBuffer``, a
+  ``getattr`` limited to its four statistics methods, and numpy's array and scalar
+  reconstructors with the float64 and int64 dtypes.
 
 The hook is :class:`polyak.hooks.EMAHook` (one implementation) with mmengine's ``Hook`` as a base and
 the current momentum logged as ``train/ema_momentum`` through ``runner.message_hub``, so it
@@ -37,6 +40,7 @@ from ..models import AVERAGES, BaseAveragedModel
 __all__ = [
     "PolyakEMAHook",
     "REGISTERED_MODELS",
+    "ALLOWED_GLOBALS",
     "HISTORY_BUFFER_METHODS",
     "allow_mmengine_checkpoints",
     "history_buffer_getattr",
@@ -167,23 +171,10 @@ def _numpy_core() -> Any:
     return np._core if hasattr(np, "_core") else np.core  # numpy 2 / numpy 1
 
 
-#: The numpy dtypes whose arrays and scalars may be loaded (plain numbers, as in mmengine's
-#: ``HistoryBuffer`` and ``eta``): their ``numpy.dtypes`` classes are allow-listed so the
-#: unpickler may set a dtype's state.
-_NUMPY_DTYPES = (
-    np.bool_,
-    np.int8,
-    np.int16,
-    np.int32,
-    np.int64,
-    np.uint8,
-    np.uint16,
-    np.uint32,
-    np.uint64,
-    np.float16,
-    np.float32,
-    np.float64,
-)
+#: The numpy dtypes whose arrays and scalars may be loaded: those of mmengine's own checkpoints
+#: (``HistoryBuffer`` keeps float64 values and int64 counts; ``runtime_info["eta"]`` is a float64
+#: scalar). Their ``numpy.dtypes`` classes are allow-listed so the unpickler may set a dtype's state.
+_NUMPY_DTYPES = (np.float64, np.int64)
 
 
 def safe_globals_for_mmengine() -> list[Any]:
@@ -215,11 +206,24 @@ def safe_globals_for_mmengine() -> list[Any]:
     return entries
 
 
+def _global_name(entry: Any) -> str:
+    """The name under which a pickle asks for an allow-listed entry."""
+    if isinstance(entry, tuple):
+        return entry[1]
+    return f"{entry.__module__}.{entry.__qualname__}"
+
+
+#: What importing this module adds to torch's ``weights_only`` allow-list, by the names a pickle
+#: uses: everything an mmengine checkpoint's ``message_hub`` needs, nothing more.
+ALLOWED_GLOBALS: tuple[str, ...] = tuple(sorted({_global_name(e) for e in safe_globals_for_mmengine()}))
+
+
 def allow_mmengine_checkpoints() -> None:
     """Allow-list, process-wide, what an mmengine checkpoint needs besides tensors for
-    ``torch.load(path, weights_only=True)``: mmengine's ``HistoryBuffer``, a ``getattr``
-    limited to its statistics methods (:func:`history_buffer_getattr`), and numpy's array and
-    scalar reconstructors with the numeric dtypes (not ``object``). Called at import of this
+    ``torch.load(path, weights_only=True)`` (:data:`ALLOWED_GLOBALS`): mmengine's
+    ``HistoryBuffer``, a ``getattr`` limited to its statistics methods
+    (:func:`history_buffer_getattr`), and numpy's array and scalar reconstructors with the
+    float64 and int64 dtypes (the only ones mmengine's message hub writes). Called at import of this
     module; calling it again changes nothing. Where ``builtins.getattr`` itself is already
     allow-listed, the limited one is not added (the broader choice stands).
     """
