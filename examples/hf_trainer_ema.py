@@ -132,7 +132,7 @@ def main() -> None:
         export = os.path.join(out, "final-ema")
         second.save_model(export)
         deployed = Regressor.from_pretrained(export)
-        average = polyak.checkpoint.averaged_weights(second.averaging.averages["ema"])
+        average = second.averaging.averages["ema"].averaged_state_dict()
         same = all(torch.equal(deployed.state_dict()[k], v) for k, v in average.items())
         print("exported model == the EMA:", same)
 

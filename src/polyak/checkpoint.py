@@ -138,25 +138,47 @@ def pack(
         primary: the average deployed under ``weights_key``.
         live: the live state dict; default ``checkpoint[weights_key]``.
     """
-    if not averages:
-        raise ValueError("pack() needs at least one average")
-    names = list(averages)
-    primary = names[0] if primary is None else primary
-    if primary not in averages:
-        raise ValueError(f"primary {primary!r} is not one of the averages {names}")
+    primary = _primary(averages, primary, "pack() needs at least one average", "averages")
     if live is None:
         if weights_key not in checkpoint:
             raise KeyError(f"the checkpoint has no {weights_key!r} to take the live weights from")
         live = checkpoint[weights_key]
-    checkpoint[live_key] = {live_prefix + k: v for k, v in live.items()}
-    checkpoint[weights_key] = merge_into(live, averages[primary].averaged_state_dict())
+    records = {name: record(avg, weights=name != primary) for name, avg in averages.items()}
+    weights = merge_into(live, averages[primary].averaged_state_dict())
+    return _write(checkpoint, weights, records, live, primary, weights_key, live_key, live_prefix)
+
+
+def _primary(names: Mapping[str, Any], primary: str | None, empty: str, what: str) -> str:
+    """The primary's name: ``primary``, or the first of ``names``; checked."""
+    if not names:
+        raise ValueError(empty)
+    primary = next(iter(names)) if primary is None else primary
+    if primary not in names:
+        raise ValueError(f"primary {primary!r} is not one of the {what} {list(names)}")
+    return primary
+
+
+def _write(
+    checkpoint: dict[str, Any],
+    weights: Mapping[str, Any],
+    records: dict[str, dict[str, Any]],
+    live: Mapping[str, Any] | None,
+    primary: str,
+    weights_key: str,
+    live_key: str,
+    live_prefix: str,
+) -> dict[str, Any]:
+    """The layout itself: the primary's deployable weights, the live weights, the block."""
+    checkpoint[weights_key] = dict(weights)
+    if live is not None:
+        checkpoint[live_key] = {live_prefix + k: v for k, v in live.items()}
     checkpoint[KEY] = {
         "format_version": FORMAT_VERSION,
         "weights_key": weights_key,
         "live_key": live_key,
         "live_prefix": live_prefix,
         "primary": primary,
-        "averages": {name: record(avg, weights=name != primary) for name, avg in averages.items()},
+        "averages": records,
     }
     return checkpoint
 
@@ -197,12 +219,7 @@ def pack_state(
             checkpoint (:func:`unpack` then cannot resume from it).
         primary, weights_key, live_key, live_prefix: as :func:`pack`.
     """
-    if not records:
-        raise ValueError("pack_state() needs at least one record")
-    names = list(records)
-    primary = names[0] if primary is None else primary
-    if primary not in records:
-        raise ValueError(f"primary {primary!r} is not one of the records {names}")
+    primary = _primary(records, primary, "pack_state() needs at least one record", "records")
     out_records: dict[str, dict[str, Any]] = {}
     for name, rec in records.items():
         if not rec.get("class"):
@@ -215,18 +232,7 @@ def pack_state(
         full["dtype"] = _dtype_name(own) if own else None
         full["weights"] = None if name == primary else full.get("weights")
         out_records[name] = full
-    checkpoint[weights_key] = dict(weights)
-    if live is not None:
-        checkpoint[live_key] = {live_prefix + k: v for k, v in live.items()}
-    checkpoint[KEY] = {
-        "format_version": FORMAT_VERSION,
-        "weights_key": weights_key,
-        "live_key": live_key,
-        "live_prefix": live_prefix,
-        "primary": primary,
-        "averages": out_records,
-    }
-    return checkpoint
+    return _write(checkpoint, weights, out_records, live, primary, weights_key, live_key, live_prefix)
 
 
 def deployable_weights(checkpoint: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:

@@ -31,8 +31,7 @@ import copy
 import itertools
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -96,8 +95,7 @@ def copy_module(
     return clone
 
 
-@dataclass(frozen=True)
-class Update:
+class Update(NamedTuple):
     """What one ``update_parameters`` call does, decided before any tensor changes.
 
     ``kind`` is one of:

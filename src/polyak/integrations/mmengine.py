@@ -100,14 +100,11 @@ class PolyakEMAHook(EMAHook, Hook):
     def __init__(
         self,
         ema_type: str | type[BaseAveragedModel] = "ExponentialMovingAverage",
-        strict_load: bool = False,
-        begin_iter: int = 0,
-        begin_epoch: int = 0,
-        *,
+        *args: Any,
         log_key: str | None = "train/ema_momentum",
         **kwargs: Any,
     ) -> None:
-        super().__init__(_resolve_ema_type(ema_type), strict_load, begin_iter, begin_epoch, **kwargs)
+        super().__init__(_resolve_ema_type(ema_type), *args, **kwargs)
         if log_key is not None and not isinstance(log_key, str):
             raise ValueError(f"log_key must be a string or None, got {log_key!r}")
         self.log_key = log_key

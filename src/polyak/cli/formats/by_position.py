@@ -68,7 +68,11 @@ def match_by_position(
     return out
 
 
-def _positional(obj: Any, ctx: Context, fmt: str, rec: dict[str, Any]) -> Found:
+def _positional(obj: Any, ctx: Context, fmt: str, schedule: dict[str, Any] | None, steps: int | None) -> Found:
+    """The average of a positional format as an ``AveragedModel`` record, its tensors named by
+    ``--names-from`` or by a state dict beside them (else ``Found.needs`` says so)."""
+    counters = {"n_averaged": steps} if steps is not None else {}
+    rec = make_record("AveragedModel", fmt, schedule=schedule, counters=counters, steps=steps)
     shadows = list(obj["shadow_params"])
     names: Mapping[str, Tensor] | None = ctx.names
     notes: list[str] = []
@@ -118,14 +122,7 @@ def read_torch_ema(obj: Any, ctx: Context) -> Found | None:
     else:
         schedule = schedule_dict(lambda: s.ConstantMomentum(decay=decay)) if decay is not None else None
         steps = None
-    rec = make_record(
-        "AveragedModel",
-        "torch-ema",
-        schedule=schedule,
-        counters={"n_averaged": steps} if steps is not None else {},
-        steps=steps,
-    )
-    return _positional(obj, ctx, "torch-ema", rec)
+    return _positional(obj, ctx, "torch-ema", schedule, steps)
 
 
 def read_diffusers(obj: Any, ctx: Context) -> Found | None:
@@ -153,15 +150,4 @@ def read_diffusers(obj: Any, ctx: Context) -> Found | None:
     else:
         schedule = schedule_dict(lambda: s.StartAt(s.NumUpdatesWarmup(decay), start=after + 1))
     steps = None if n is None else n + 1
-    rec = make_record(
-        "AveragedModel",
-        "diffusers",
-        schedule=schedule,
-        counters={"n_averaged": steps} if steps is not None else {},
-        steps=steps,
-    )
-    return _positional(obj, ctx, "diffusers", rec)
-
-
-#: Every format read, in the order they are tried (``nested``: also one level down, under a key
-#: of the file, e.g. ``{"model": ..., "ema": ema.state_dict()}``).
+    return _positional(obj, ctx, "diffusers", schedule, steps)
