@@ -114,3 +114,55 @@ def test_py_typed_marker_exists_and_is_packaged() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "py.typed" in config["tool"]["setuptools"]["package-data"]["polyak"]
+
+
+def test_submodules_are_attributes_without_an_import_of_their_own() -> None:
+    """``polyak.distributed.save`` and ``polyak.integrations.lightning.EMA`` after a bare ``import
+    polyak`` (PEP 562), each imported on first use: the distributed module only when asked for,
+    the framework only when its integration is."""
+    code = (
+        "import sys, polyak\n"
+        "assert 'polyak.distributed' not in sys.modules and 'lightning' not in sys.modules\n"
+        "save = polyak.distributed.save\n"
+        "assert 'lightning' not in sys.modules\n"
+        "ema = polyak.integrations.lightning.EMA\n"
+        "print(save.__module__, ema.__module__, polyak.schedules.Warmup.__module__, polyak.checkpoint.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == [
+        "polyak.distributed",
+        "polyak.integrations.lightning",
+        "polyak.schedules",
+        "polyak.checkpoint",
+    ]
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no attribute 'formats'"):
+        polyak.formats  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        polyak.integrations.nope  # noqa: B018
+
+
+def test_top_level_is_what_a_training_script_types() -> None:
+    assert set(polyak.__all__) == {
+        "BaseAveragedModel",
+        "ExponentialMovingAverage",
+        "MomentumAnnealingEMA",
+        "StochasticWeightAverage",
+        "RampUpEMA",
+        "CosineEMA",
+        "ExpMomentumEMA",
+        "AveragedModel",
+        "AverageGroup",
+        "ParameterAverage",
+        "PostHocEMA",
+        "update_bn",
+        "soft_update",
+        "hard_update",
+        "flatten_parameters",
+        "schedules",
+        "checkpoint",
+        "distributed",
+        "integrations",
+    }
