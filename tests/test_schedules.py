@@ -261,8 +261,9 @@ def test_interval_momentum_of_rampup_is_the_decay_of_k_batches() -> None:
 # Argument checking
 
 
+# momentum and decay are in the closed interval [0, 1] (docs/averaging.md, "Momentum and decay")
 finite_outside_unit = st.one_of(
-    st.floats(max_value=0.0, allow_nan=False, allow_infinity=True),
+    st.floats(max_value=0.0, exclude_max=True, allow_nan=False, allow_infinity=True),
     st.floats(min_value=1.0, exclude_min=True, allow_nan=False),
 )
 

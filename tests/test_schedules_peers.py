@@ -676,9 +676,9 @@ def test_half_life_equivalents() -> None:
         ({"half_life": 0}, "half_life"),
         ({"half_life": -5}, "half_life"),
         ({"half_life": math.inf}, "half_life"),
-        ({"decay": 1.0}, "decay"),
+        ({"decay": 1.0000001}, "decay"),
         ({"decay": -0.1}, "decay"),
-        ({"momentum": 0.0}, "momentum"),
+        ({"momentum": -1e-9}, "momentum"),
         ({"momentum": 1.5}, "momentum"),
         ({}, "decay"),
     ],
@@ -761,8 +761,9 @@ def test_schedule_from_dict_passes_bad_arguments_to_validation() -> None:
 # Validation: ValueError naming the argument
 
 
+# momentum and decay are in the closed interval [0, 1] (docs/averaging.md, "Momentum and decay")
 not_a_unit_momentum = st.one_of(
-    st.floats(max_value=0.0),
+    st.floats(max_value=0.0, exclude_max=True),
     st.floats(min_value=1.0, exclude_min=True),
     st.just(math.nan),
 )
@@ -782,7 +783,7 @@ def test_momenta_outside_0_1_are_rejected_naming_momentum(m: float) -> None:
 
 
 @SETTINGS
-@given(d=st.one_of(st.floats(max_value=0.0, exclude_max=True), st.floats(min_value=1.0), st.just(math.nan)))
+@given(d=st.one_of(st.floats(max_value=0.0, exclude_max=True), st.floats(min_value=1.0, exclude_min=True), st.just(math.nan)))
 def test_decays_outside_0_1_are_rejected_naming_decay(d: float) -> None:
     for make in (lambda: Warmup(d), lambda: NumUpdatesWarmup(d), lambda: ConstantMomentum(decay=d)):
         with pytest.raises(ValueError, match="decay"):

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .registry import Registry
-from .validation import check_int, check_number
+from .validation import check_decay, check_int, check_momentum, check_number
 
 __all__ = [
     "Schedule",
@@ -105,13 +105,17 @@ class ConstantMomentum(Schedule):
 
     .. math:: m(t) = m
 
-    where :math:`m` is ``momentum``, in :math:`(0, 1]`, or :math:`1 - \\beta` given
-    ``decay`` :math:`\\beta`, or given ``half_life`` (see :func:`resolve_decay`).
+    where :math:`m` is ``momentum``, or :math:`1 - \\beta` given ``decay`` :math:`\\beta`, or
+    given ``half_life`` (see :func:`resolve_decay`); momentum and decay are in [0, 1]. The
+    schedule keeps the argument it was given (its ``repr`` and :meth:`to_dict` say
+    ``decay=0.99``, not the momentum computed from it).
 
     >>> ConstantMomentum(0.0002)(0), ConstantMomentum(0.0002).decay(10)
     (0.0002, 0.9998)
     >>> round(ConstantMomentum(decay=0.999)(0), 6), round(ConstantMomentum(half_life=693.147).decay(0), 6)
     (0.001, 0.999)
+    >>> ConstantMomentum(decay=0.99)
+    ConstantMomentum(decay=0.99)
     """
 
     def __init__(
@@ -126,15 +130,24 @@ class ConstantMomentum(Schedule):
         beta = resolve_decay(
             momentum=momentum, decay=decay, half_life=half_life, half_life_unit=half_life_unit, batch_size=batch_size
         )
-        self.value = momentum if momentum is not None else 1.0 - beta
-        if not 0.0 < self.value <= 1.0:
-            raise ValueError(f"the momentum 1 - decay must be in (0, 1], got {self.value!r}")
+        self.value = float(momentum) if momentum is not None else 1.0 - beta
+        if momentum is not None:
+            self._given: dict[str, object] = {"momentum": self.value}
+        elif decay is not None:
+            self._given = {"decay": float(decay)}
+        else:
+            self._given = {"half_life": float(half_life)}  # type: ignore[arg-type]
+            if half_life_unit != "updates":
+                self._given.update(half_life_unit=half_life_unit, batch_size=batch_size)
 
     def momentum(self, step: int) -> float:
         return self.value
 
+    def decay(self, step: int) -> float:
+        return 1.0 - self.value if "decay" not in self._given else float(self._given["decay"])  # type: ignore[arg-type]
+
     def _args(self) -> dict[str, object]:
-        return {"momentum": self.value}
+        return dict(self._given)
 
 
 @SCHEDULES.register
@@ -152,7 +165,7 @@ class MomentumAnnealing(Schedule):
     """
 
     def __init__(self, momentum: float = 0.0002, gamma: float = 100) -> None:
-        self.floor = check_number("momentum", momentum, 0.0, 1.0, open_low=True, open_high=False)
+        self.floor = check_momentum("momentum", momentum)
         self.gamma = check_number("gamma", gamma, 0.0, math.inf, open_low=True, open_high=True)
 
     def momentum(self, step: int) -> float:
@@ -263,8 +276,8 @@ class CosineMomentum(Schedule):
     """
 
     def __init__(self, momentum: float = 0.004, end_momentum: float = 0.0, max_steps: int = 1) -> None:
-        self.start = check_number("momentum", momentum, 0.0, 1.0, open_low=False, open_high=False)
-        self.end = check_number("end_momentum", end_momentum, 0.0, 1.0, open_low=False, open_high=False)
+        self.start = check_momentum("momentum", momentum)
+        self.end = check_momentum("end_momentum", end_momentum)
         self.max_steps = check_int("max_steps", max_steps, 1)
 
     def momentum(self, step: int) -> float:
@@ -319,9 +332,9 @@ def resolve_decay(
     if half_life_unit not in ("updates", "samples"):
         raise ValueError(f"half_life_unit must be 'updates' or 'samples', got {half_life_unit!r}")
     if momentum is not None:
-        return 1.0 - check_number("momentum", momentum, 0.0, 1.0, open_low=True, open_high=False)
+        return 1.0 - check_momentum("momentum", momentum)
     if decay is not None:
-        return check_number("decay", decay, 0.0, 1.0, open_low=False, open_high=True)
+        return check_decay("decay", decay)
     if half_life is not None:
         h = check_number("half_life", half_life, 0.0, math.inf, open_low=True, open_high=True)
         if half_life_unit == "samples":
@@ -458,7 +471,7 @@ class ExpMomentum(Schedule):
     """
 
     def __init__(self, momentum: float = 0.0002, gamma: float = 2000) -> None:
-        self.floor = check_number("momentum", momentum, 0.0, 1.0, open_low=True, open_high=True)
+        self.floor = check_momentum("momentum", momentum)
         self.gamma = check_number("gamma", gamma, 0.0, math.inf, open_low=True, open_high=True)
 
     def momentum(self, step: int) -> float:
@@ -484,7 +497,7 @@ class MMCVWarmup(Schedule):
     """
 
     def __init__(self, momentum: float = 0.0002, warm_up: int = 100) -> None:
-        self.value = check_number("momentum", momentum, 0.0, 1.0, open_low=True, open_high=True)
+        self.value = check_momentum("momentum", momentum)
         self.warm_up = check_int("warm_up", warm_up, 1)
 
     def momentum(self, step: int) -> float:

@@ -1,20 +1,35 @@
 """Argument checks shared by every public constructor and function: each returns the checked
-value or raises :class:`ValueError` naming the argument and the range it must be in.
+value or raises :class:`ValueError` naming the argument and the range it must be in; and where a
+warning about an argument points.
 
 One rule for every sibling (optax's lesson): a ``bool`` is never accepted as a number, NaN is
-never in a range, and the message says the range with its open or closed ends.
+never in a range, and the message says the range with its open or closed ends. A momentum (the
+weight of the new value) and a decay (the weight kept on the average, ``1 - momentum``) are both
+in the closed interval [0, 1]: momentum 0 (decay 1) freezes the average, momentum 1 (decay 0)
+copies the model. A momentum above 0.5 or a decay below 0.5 is almost surely the other
+convention, and gives a :class:`ConventionWarning`.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Collection
 from typing import TypeVar
 
 import torch
 
-__all__ = ["check_int", "check_number", "check_choice", "check_float_dtype", "warning_stacklevel"]
+__all__ = [
+    "check_int",
+    "check_number",
+    "check_choice",
+    "check_float_dtype",
+    "check_momentum",
+    "check_decay",
+    "ConventionWarning",
+    "warning_stacklevel",
+]
 
 T = TypeVar("T")
 
@@ -73,6 +88,46 @@ def check_number(
         hi = ")" if open_high or high == math.inf else "]"
         raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value!r}")
     return v
+
+
+class ConventionWarning(UserWarning):
+    """A momentum that is almost surely a decay, or a decay that is almost surely a momentum."""
+
+
+def check_momentum(name: str, value: object) -> float:
+    """``value`` as a float if it is a momentum, the weight of the new value, in [0, 1]; a
+    :class:`ConventionWarning` above 0.5 (a decay given as a momentum).
+
+    >>> check_momentum("momentum", 0.0002)
+    0.0002
+    """
+    m = check_number(name, value, 0.0, 1.0)
+    if m > 0.5:
+        warnings.warn(
+            f"{name}={m} is the weight of the new value and is usually small; "
+            f"did you mean {name}={1 - m:.6g} (a decay of {m})?",
+            ConventionWarning,
+            stacklevel=warning_stacklevel(),
+        )
+    return m
+
+
+def check_decay(name: str, value: object) -> float:
+    """``value`` as a float if it is a decay, the weight kept on the average, in [0, 1]; a
+    :class:`ConventionWarning` below 0.5 (a momentum given as a decay).
+
+    >>> check_decay("decay", 0.999)
+    0.999
+    """
+    d = check_number(name, value, 0.0, 1.0)
+    if d < 0.5:
+        warnings.warn(
+            f"{name}={d} is the weight kept on the average and is usually close to 1; "
+            f"did you mean {name}={1 - d:.6g} (a momentum of {d})?",
+            ConventionWarning,
+            stacklevel=warning_stacklevel(),
+        )
+    return d
 
 
 def check_choice(name: str, value: T, choices: Collection[T]) -> T:
