@@ -607,11 +607,33 @@ def test_large_momentum_warning_points_at_the_caller(cls, make_model):
     assert relevant[0].filename == __file__
 
 
-@pytest.mark.parametrize("momentum", [0, 0.0, 1, 1.0, -1, 1.5, math.nan, math.inf, True, False, "0.1", None])
+@pytest.mark.parametrize("momentum", [-1, -1e-12, 1.0000001, 1.5, math.nan, math.inf, True, False, "0.1", None])
 @pytest.mark.parametrize("cls", MOMENTUM_CLASSES)
 def test_bad_momentum(cls, momentum, make_model):
     with pytest.raises(ValueError, match=r"^momentum "):
         cls(make_model(), momentum=momentum)
+
+
+@pytest.mark.parametrize("cls", MOMENTUM_CLASSES)
+def test_momentum_is_in_the_closed_unit_interval(cls, make_model, train_step):
+    """The one rule (docs/averaging.md): momentum 0 freezes the average after its first copy,
+    momentum 1 copies the model at every update (with a warning: almost surely a decay)."""
+    model = make_model()
+    frozen = cls(model, momentum=0, **({"max_steps": 10} if cls is CosineEMA else {}))
+    frozen.update_parameters(model)
+    first = {k: v.clone() for k, v in frozen.module.state_dict().items() if v.is_floating_point()}
+    with pytest.warns(UserWarning, match="decay"):
+        copying = cls(model, momentum=1, **({"max_steps": 10, "end_momentum": 1.0} if cls is CosineEMA else {}))
+    copying.update_parameters(model)
+    for _ in range(3):
+        train_step(model)
+        frozen.update_parameters(model)
+        copying.update_parameters(model)
+    params = dict(model.named_parameters())
+    for name, p in frozen.module.named_parameters():
+        if cls is not MomentumAnnealingEMA:  # its momentum is max(0, gamma/(gamma+t)): it moves
+            assert torch.equal(p, first[name]), name
+        assert torch.equal(dict(copying.module.named_parameters())[name], params[name]), name
 
 
 ALL_CLASSES = {

@@ -40,7 +40,7 @@ def _torch_rule(fn: Callable[..., Any] | None) -> Schedule | None:
         cells = getattr(fn, "__closure__", None) or ()
         values = {n: c.cell_contents for n, c in zip(names, cells, strict=True)}
         decay = values.get("decay")
-        if isinstance(decay, (int, float)) and 0.0 <= decay < 1.0:
+        if isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0:
             return ConstantMomentum(decay=float(decay))
     return None
 

@@ -42,7 +42,7 @@ from .registry import Registry
 from .schedules import Schedule, interval_momentum
 from .sharded import ShardedAverageModule, copy_full_, reshard, sharded_copy
 from .tensors import StateEntry, is_averaged, is_dtensor, named_state, unwrap_model
-from .validation import check_float_dtype, check_int, warning_stacklevel
+from .validation import ConventionWarning, check_float_dtype, check_int, warning_stacklevel
 
 __all__ = ["BaseAveragedModel", "Update", "AVERAGES", "average_dtype", "copy_module"]
 
@@ -159,6 +159,8 @@ class BaseAveragedModel(nn.Module):
 
     #: The schedule class of a preset (``None``: the subclass defines its rule otherwise).
     schedule_type: ClassVar[type[Schedule] | None] = None
+    #: Arguments of ``schedule_type`` that may be None at construction and given later.
+    deferred_args: ClassVar[tuple[str, ...]] = ()
     #: The counters :meth:`counters` saves and :meth:`load_counters` reads.
     counter_keys: ClassVar[tuple[str, ...]] = ("steps",)
 
@@ -211,8 +213,12 @@ class BaseAveragedModel(nn.Module):
         arguments are bad."""
         cls = type(self)
         if self.schedule_type is not None:
-            # A None argument may mean "later" (CosineEMA's max_steps): check the others.
-            self.schedule_type(**{k: v for k, v in schedule_args.items() if v is not None})
+            # A deferred argument may be None until later (CosineEMA's max_steps): check the
+            # others. The schedule built here is the one in force when none is deferred.
+            known = {k: v for k, v in schedule_args.items() if not (v is None and k in self.deferred_args)}
+            schedule = self.schedule_type(**known)
+            if len(known) == len(schedule_args):
+                self._schedule_cache = (tuple(schedule_args.values()), schedule)
             return
         if schedule_args:
             raise TypeError(f"{cls.__name__} takes no schedule arguments, got {sorted(schedule_args)}")
@@ -238,7 +244,9 @@ class BaseAveragedModel(nn.Module):
             raise NotImplementedError(f"{type(self).__name__} has no schedule_type: override make_schedule")
         key = tuple(getattr(self, name) for name in self._schedule_args)
         if self._schedule_cache is None or self._schedule_cache[0] != key:
-            schedule = self.schedule_type(**dict(zip(self._schedule_args, key, strict=True)))
+            with warnings.catch_warnings():  # given once, when the average was built
+                warnings.simplefilter("ignore", ConventionWarning)
+                schedule = self.schedule_type(**dict(zip(self._schedule_args, key, strict=True)))
             self._schedule_cache = (key, schedule)
         return self._schedule_cache[1]
 

@@ -18,8 +18,6 @@ The arguments, defaults and ``state_dict`` layout are OpenMMLab's; the keyword-o
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
@@ -33,7 +31,7 @@ from .schedules import (
     RampUpMomentum,
     Schedule,
 )
-from .validation import check_int, check_number, warning_stacklevel
+from .validation import check_int
 
 __all__ = [
     "ExponentialMovingAverage",
@@ -43,20 +41,6 @@ __all__ = [
     "CosineEMA",
     "ExpMomentumEMA",
 ]
-
-
-def _momentum(value: object) -> float:
-    """The ``momentum`` of the EMA presets: in (0, 1), with a warning above 0.5, where it is
-    almost surely a decay given as a momentum."""
-    momentum = check_number("momentum", value, 0.0, 1.0, open_low=True, open_high=True)
-    if momentum > 0.5:
-        warnings.warn(
-            f"momentum={momentum} is the weight of the new value and is usually small; "
-            f"did you mean momentum={1 - momentum:.6g} (a decay of {momentum})?",
-            UserWarning,
-            stacklevel=warning_stacklevel(),
-        )
-    return momentum
 
 
 @AVERAGES.register
@@ -72,8 +56,8 @@ class ExponentialMovingAverage(BaseAveragedModel):
     Args:
         model, interval, device, update_buffers, dtype, compensate_interval: as
             :class:`~polyak.BaseAveragedModel`.
-        momentum: in :math:`(0, 1)`; a value above 0.5 (likely a decay passed as a
-            momentum) gives a warning. Defaults to 0.0002.
+        momentum: in :math:`[0, 1]`; a value above 0.5 (likely a decay passed as a
+            momentum) gives a :class:`~polyak.validation.ConventionWarning`. Defaults to 0.0002.
     """
 
     schedule_type = ConstantMomentum
@@ -89,16 +73,10 @@ class ExponentialMovingAverage(BaseAveragedModel):
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
     ) -> None:
-        momentum = _momentum(momentum)
-        super().__init__(
-            model,
-            interval,
-            device,
-            update_buffers,
-            dtype=dtype,
-            compensate_interval=compensate_interval,
-            momentum=momentum,
-        )
+        if momentum is None:  # ConstantMomentum(None) would read it as "not given"
+            raise ValueError("momentum must be a number, got None")
+        options = {"dtype": dtype, "compensate_interval": compensate_interval}
+        super().__init__(model, interval, device, update_buffers, momentum=momentum, **options)
 
 
 @AVERAGES.register
@@ -128,7 +106,6 @@ class MomentumAnnealingEMA(ExponentialMovingAverage):
         compensate_interval: bool = True,
     ) -> None:
         options = {"dtype": dtype, "compensate_interval": compensate_interval}
-        momentum = _momentum(momentum)
         BaseAveragedModel.__init__(
             self, model, interval, device, update_buffers, momentum=momentum, gamma=gamma, **options
         )
@@ -231,12 +208,13 @@ class CosineEMA(ExponentialMovingAverage):
     Args:
         model, interval, device, update_buffers, dtype, compensate_interval: as
             :class:`~polyak.BaseAveragedModel`.
-        momentum: start momentum, in (0, 1). Defaults to 0.004.
+        momentum: start momentum, in [0, 1]. Defaults to 0.004.
         end_momentum: end momentum, in [0, 1]. Defaults to 0.
         max_steps: the step at which ``end_momentum`` is reached.
     """
 
     schedule_type = CosineMomentum
+    deferred_args = ("max_steps",)
 
     def __init__(
         self,
@@ -252,7 +230,7 @@ class CosineEMA(ExponentialMovingAverage):
         compensate_interval: bool = True,
     ) -> None:
         options = {"dtype": dtype, "compensate_interval": compensate_interval}
-        cosine = {"momentum": _momentum(momentum), "end_momentum": end_momentum, "max_steps": max_steps}
+        cosine = {"momentum": momentum, "end_momentum": end_momentum, "max_steps": max_steps}
         BaseAveragedModel.__init__(self, model, interval, device, update_buffers, **options, **cosine)
 
     def make_schedule(self) -> Schedule:
@@ -298,7 +276,6 @@ class ExpMomentumEMA(ExponentialMovingAverage):
         compensate_interval: bool = True,
     ) -> None:
         options = {"dtype": dtype, "compensate_interval": compensate_interval}
-        momentum = _momentum(momentum)
         BaseAveragedModel.__init__(
             self, model, interval, device, update_buffers, momentum=momentum, gamma=gamma, **options
         )

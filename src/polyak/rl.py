@@ -7,7 +7,7 @@ import weakref
 from torch import Tensor, nn
 
 from .engine import AveragingEngine
-from .validation import check_number
+from .validation import check_momentum
 
 __all__ = ["soft_update", "hard_update"]
 
@@ -40,6 +40,8 @@ def soft_update(target: nn.Module, online: nn.Module, tau: float | Tensor, *, up
         target: the target network, updated in place.
         online: the network being trained.
         tau: in [0, 1]; a float, or a 0-d tensor on the target's device (never read on the host).
+            A float above 0.5 (almost surely a decay) gives a
+            :class:`~polyak.validation.ConventionWarning`.
         update_buffers: soft-update floating buffers too.
     """
     if isinstance(tau, Tensor):
@@ -49,7 +51,7 @@ def soft_update(target: nn.Module, online: nn.Module, tau: float | Tensor, *, up
             )
         weight: float | Tensor = tau
     else:
-        weight = check_number("tau (the weight of the online network)", tau, 0.0, 1.0)
+        weight = check_momentum("tau", tau)
     _engine(target, update_buffers).average_(online, weight)
 
 

@@ -541,7 +541,7 @@ class EMA(WeightAveraging):
     (device, dtype).
 
     Args:
-        decay: the decay :math:`\\beta` (weight kept on the average), in [0, 1). Defaults to 0.999.
+        decay: the decay :math:`\\beta` (weight kept on the average), in [0, 1]. Defaults to 0.999.
         half_life: instead of ``decay``, in updates.
         warmup: warm the decay up (above). Defaults to False.
         interval: average every ``interval`` optimizer steps (compensated). Defaults to 1.
