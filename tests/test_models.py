@@ -775,3 +775,41 @@ def test_public_names():
         "CosineEMA",
     ):
         assert getattr(polyak, name) is globals()[name]
+
+
+# --------------------------------------------------------------------------------------------
+# An average is never the model it averages
+
+
+def test_an_average_given_to_itself_or_another_is_refused(make_model, train_step):
+    """``update_parameters(ema)`` used to be accepted and count a step (names match once the
+    ``module.`` prefix is stripped); the same for ``swapped``, ``copy_to``, ``average_``, the
+    ``sync_*`` methods and an AverageGroup. Nothing changes."""
+    model = make_model()
+    ema = ExponentialMovingAverage(model, momentum=0.1)
+    other = ExponentialMovingAverage(model, momentum=0.2)
+    ema.update_parameters(model)
+    train_step(model)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    for wrong, whose in (
+        (ema, "this average"),
+        (ema.module, "this average"),
+        (other, "another"),
+        (other.module, "another"),
+    ):
+        for call, what in (
+            (lambda m: ema.update_parameters(m), "update_parameters"),
+            (lambda m: ema.copy_to(m), "copy_to"),
+            (lambda m: ema.average_(m, 0.5), "average_"),
+            (lambda m: ema.sync_parameters(m), "sync_parameters"),
+            (lambda m: ema.sync_buffers(m), "sync_buffers"),
+            (lambda m: ema.swapped(m).__enter__(), "swapped"),
+            (lambda m: polyak.AverageGroup([ema, other]).update_parameters(m), "update_parameters"),
+        ):
+            with pytest.raises(ValueError, match=rf"^{what}\(\) was given {whose}"):
+                call(wrong)
+    assert ema.steps == 1 and not ema.is_swapped
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    ema.update_parameters(model)  # the live model still works, and counts
+    assert ema.steps == 2

@@ -49,6 +49,8 @@ class AverageGroup:
     def update_parameters(self, model: nn.Module) -> None:
         """One ``update_parameters(model)`` of every average, the averaging ones fused."""
         updates = [(a, a.next_update()) for a in self]  # decided before any tensor changes
+        for a in self:
+            a.check_model(model)
         fused = [(a, u) for a, u in updates if u.kind == "average"]
         if fused:
             average_many_([a.engine for a, _ in fused], model, [u.weight for _, u in fused])  # type: ignore[misc]

@@ -30,6 +30,7 @@ import contextlib
 import copy
 import itertools
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar, NamedTuple
 
@@ -50,6 +51,10 @@ __all__ = ["BaseAveragedModel", "Update", "AVERAGES", "average_dtype", "copy_mod
 AVERAGES: Registry[type[BaseAveragedModel]] = Registry("averaged model")
 
 _LOW_PRECISION = frozenset({torch.float16, torch.bfloat16})
+
+#: The modules that hold an average (``BaseAveragedModel.module``): what must never be given to an
+#: average as the model it averages.
+_AVERAGE_MODULES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def average_dtype(t: Tensor, dtype: torch.dtype | None) -> torch.dtype:
@@ -201,6 +206,8 @@ class BaseAveragedModel(nn.Module):
         else:
             self._skipped = tuple(state[n].path for n, k in self._kinds.items() if k == "skip")
             self.module = copy_module(source, device=target_device, dtype=dtype, share=shared)
+        _AVERAGE_MODULES.add(self.module)
+        self._accepted: weakref.ref[nn.Module] | None = None  # the last model check_model accepted
         self._steps = 0
         self._swapped = False
         self._last_momentum: float | None = None
@@ -344,6 +351,7 @@ class BaseAveragedModel(nn.Module):
     def apply_update(self, model: nn.Module, update: Update) -> None:
         """Change the averaged tensors as ``update`` says (the counters do not move: see
         :meth:`commit_update`)."""
+        self.check_model(model)
         kind = update.kind
         if kind == "average":
             self._engine.average_(model, update.weight)  # type: ignore[arg-type]
@@ -364,6 +372,22 @@ class BaseAveragedModel(nn.Module):
         if update.kind != "hold":
             self._last_momentum = update.weight
         self._steps += 1
+
+    def check_model(self, model: nn.Module, what: str = "update_parameters") -> None:
+        """Raise :class:`ValueError` if ``model`` is an average (this one, another, or the module
+        inside one) rather than the model it averages: ``update_parameters(ema)`` would fold the
+        average into itself and count a step, ``swapped(ema)`` would exchange it with itself."""
+        accepted = self._accepted
+        if accepted is not None and accepted() is model:
+            return
+        inner = unwrap_model(model) if isinstance(model, nn.Module) else model
+        if isinstance(inner, BaseAveragedModel) or inner in _AVERAGE_MODULES:
+            whose = "this average" if inner is self or inner is self.module else "another average"
+            raise ValueError(
+                f"{what}() was given {whose} ({type(inner).__name__}), not the model being trained: "
+                f"pass the live model, e.g. ema.{what}(model)"
+            )
+        self._accepted = weakref.ref(model)
 
     def apply_custom_rule(self, model: nn.Module, steps: int) -> None:
         """One update by the per-tensor rule: :meth:`avg_func` on every averaged tensor, then a
@@ -413,16 +437,19 @@ class BaseAveragedModel(nn.Module):
         average's device, for callers that keep their step count on the device). Does not
         touch ``steps``."""
         self._check_not_swapped("average_")
+        self.check_model(model, "average_")
         self._engine.average_(model, weight)
 
     def sync_parameters(self, model: nn.Module) -> None:
         """Copy every parameter and buffer of ``model`` into the average (mmagic's name)."""
         self._check_not_swapped("sync_parameters")
+        self.check_model(model, "sync_parameters")
         self._engine.copy_(model, "all")
 
     def sync_buffers(self, model: nn.Module) -> None:
         """Copy every buffer of ``model`` into the average (mmagic's name)."""
         self._check_not_swapped("sync_buffers")
+        self.check_model(model, "sync_buffers")
         self._engine.copy_(model, "buffers")
 
     # -- using the average ----------------------------------------------------------------
@@ -444,6 +471,7 @@ class BaseAveragedModel(nn.Module):
         >>> #     evaluate(model)
         """
         self._check_not_swapped("swapped")
+        self.check_model(model, "swapped")
         if self._steps == 0:
             raise RuntimeError(
                 f"{type(self).__name__} has not been updated yet: call update_parameters(model) "
@@ -475,6 +503,7 @@ class BaseAveragedModel(nn.Module):
     def copy_to(self, model: nn.Module) -> None:
         """Write the average (parameters and buffers) into ``model`` permanently."""
         self._check_not_swapped("copy_to")
+        self.check_model(model, "copy_to")
         self._reshard(model)
         self._engine.write_to_(model, "all")
 
@@ -603,10 +632,12 @@ class BaseAveragedModel(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_engine"] = None
+        state["_accepted"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        _AVERAGE_MODULES.add(self.module)
         self._engine = AveragingEngine(self.module, update_buffers=self.update_buffers, kinds=self._kinds)
 
     def extra_repr(self) -> str:
