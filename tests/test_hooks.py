@@ -685,3 +685,31 @@ def test_checkpoints_in_mmengine_ema_hook_layout_load():
     hook.after_load_checkpoint(runner, plain)
     assert hook.ema_model.steps == 1
     assert_state_equal(snapshot64(hook.ema_model.module), as64(average))
+
+
+MISUSE = """
+import types
+from polyak.hooks import EMAHook
+hook = EMAHook()
+runner = types.SimpleNamespace(iter=0, epoch=0, model=None)
+for call in (hook.after_train_iter, hook.before_val_epoch, lambda r: hook.before_save_checkpoint(r, {}),
+             lambda r: hook.after_load_checkpoint(r, {})):
+    try:
+        call(runner)
+    except RuntimeError as e:
+        print("RuntimeError:", e)
+"""
+
+
+@pytest.mark.parametrize("optimize", [False, True], ids=["python", "python -O"])
+def test_a_hook_used_before_before_run_says_so_also_under_python_O(optimize: bool) -> None:
+    """Misuse raised ``assert`` errors, which ``python -O`` strips (then an AttributeError on
+    None): now a RuntimeError naming ``before_run``, with or without ``-O``."""
+    import subprocess
+    import sys
+
+    flags = ["-O"] if optimize else []
+    out = subprocess.run([sys.executable, *flags, "-c", MISUSE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 4 and all("before_run(runner) was not called" in line for line in lines), lines

@@ -391,6 +391,36 @@ def test_synthesized_state_loads_and_copies_buffers_from_the_latest(tmp_path: Pa
     assert all(v.dtype == torch.float32 for k, v in state.items() if "num_batches" not in k)
 
 
+class ComplexModule(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.z = nn.Parameter(torch.complex(torch.randn(5), torch.randn(5)))
+        self.w = nn.Parameter(torch.randn(3))
+
+
+def test_complex_parameters_are_synthesized_as_they_are_averaged(tmp_path: Path) -> None:
+    """The engine averages complex parameters, so synthesis must combine them too (it used to
+    take them from the last snapshot, as if copied). Tracked profile sigma_rel 0.10 against
+    EDM2's float64 loop run on the real and imaginary parts."""
+    torch.manual_seed(0)
+    model = ComplexModule()
+    ema = PostHocEMA(model, (0.05, 0.10), snapshot_every=50, snapshot_dir=tmp_path, snapshot_dtype=torch.float32)
+    history = []
+    for _ in range(200):
+        with torch.no_grad():
+            model.z.add_(torch.complex(torch.randn(5), torch.randn(5)), alpha=0.1)
+            model.w.add_(torch.randn(3), alpha=0.1)
+        history.append(torch.cat([torch.view_as_real(model.z.detach()).reshape(-1), model.w.detach()]).clone())
+        ema.update_parameters(model)
+    state = synthesize(tmp_path, 0.10)
+    assert state["z"].dtype == torch.complex64
+    got = torch.cat([torch.view_as_real(state["z"]).reshape(-1), state["w"]]).to(torch.float64)
+    exact = edm2_average(torch.stack(history), edm2_gamma(0.10))
+    assert rel(got, exact) < 1e-5
+    last = torch.view_as_real(model.z.detach()).reshape(-1).to(torch.float64)
+    assert rel(got[:10], last) > 1e-2  # not the last snapshot's (or the live) value
+
+
 # -- snapshot files -------------------------------------------------------------------------------
 
 

@@ -480,6 +480,41 @@ def test_parent_state_dict_round_trips_steps() -> None:
     assert_same_state(state_copy(fresh), state_copy(gan))
 
 
+@pytest.mark.parametrize(
+    "spoil",
+    ["bad shape", "not a tensor", "float steps", "missing key", "unexpected key"],
+)
+def test_a_bad_state_through_the_parent_changes_nothing_in_the_average(spoil: str) -> None:
+    """Loaded as a submodule (``_load_from_state_dict``), the average is checked as
+    ``load_state_dict`` checks it: a bad key or value raises and the average, its counters
+    included, stays bit-identical."""
+    gan = GAN(0)
+    for i in range(3):
+        set_values(gan.generator, i + 1)
+        gan.generator_ema.update_parameters(gan.generator)
+    good = GAN(1)
+    for i in range(5):
+        set_values(good.generator, 10 * i + 1)
+        good.generator_ema.update_parameters(good.generator)
+    sd = dict(good.state_dict())
+    key = next(k for k in sd if k.startswith("generator_ema.module.") and sd[k].is_floating_point())
+    if spoil == "bad shape":
+        sd[key] = torch.zeros(*sd[key].shape, 2)
+    elif spoil == "not a tensor":
+        sd[key] = [1.0]
+    elif spoil == "float steps":
+        sd["generator_ema.steps"] = torch.tensor(2.5)
+    elif spoil == "missing key":
+        del sd[key]
+    else:
+        sd["generator_ema.module.extra"] = torch.zeros(1)
+    before = state_copy(gan.generator_ema)
+    with pytest.raises(RuntimeError):
+        gan.load_state_dict(sd)
+    assert gan.generator_ema.steps == 3
+    assert_same_state(state_copy(gan.generator_ema), before)
+
+
 def test_parent_loads_legacy_ema_keys() -> None:
     """OpenMMLab 1.0 checkpoints: ``generator_ema.<name>`` without ``module.``."""
     donor = make_net(7)

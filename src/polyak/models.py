@@ -597,10 +597,23 @@ class BaseAveragedModel(nn.Module):
         error_msgs: list,
     ) -> None:
         # Reached when the average is a submodule of the module being loaded (mmagic's
-        # ``generator_ema``): accept legacy keys and read the counters here.
+        # ``generator_ema``): accept legacy keys, check everything as load_state_dict does, and
+        # read the counters here; torch's recursion into ``.module`` then copies the tensors.
         normalised = self._normalise_keys(state_dict, prefix)
         state_dict.clear()
         state_dict.update(normalised)
+        ours = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        try:
+            self.prepare_load(ours, strict)
+        except RuntimeError as e:
+            # Nothing of the average may change: the recursion copies its own values back.
+            error_msgs.append(str(e))
+            for k, t in self.state_dict(keep_vars=True).items():
+                if k not in self.counter_keys:
+                    state_dict[prefix + k] = t.detach()
+            for k in self.counter_keys:
+                state_dict.pop(prefix + k, None)
+            return
         counters = self.counter_keys
         self.load_counters({k: int(state_dict.pop(prefix + k)) for k in counters if prefix + k in state_dict})
         super()._load_from_state_dict(
