@@ -221,6 +221,22 @@ def test_fsdp2_partly_replicated_model(tmp_path: Path) -> None:
         torch.testing.assert_close(r1["replicated"][k].double(), ref1[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.timeout(300)
+def test_a_failing_writer_reaches_every_rank(tmp_path: Path) -> None:
+    """export_full: the writing rank fails in the middle of the stream (its safetensors writer
+    raises after two tensors) or at the end (torch.save raises): every rank raises instead of
+    waiting in the next gather, no output file is left, and an existing one is kept."""
+    old = tmp_path / "kept.safetensors"
+    old.write_bytes(b"old contents")
+    r0, r1 = run_world("fsdp_export_fails", 2, tmp_path)
+    for mode in ("stream", "end"):
+        assert r0[mode] == ("OSError", "No space left on device (injected)"), r0[mode]
+        assert r1[mode][0] == "RuntimeError" and "rank 0" in r1[mode][1], r1[mode]
+    assert not (tmp_path / "new.pt").exists()
+    assert old.read_bytes() == b"old contents"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file
+
+
 # -- the ranks ----------------------------------------------------------------------------------
 
 
@@ -247,7 +263,7 @@ def _shard(model: nn.Module, world: int, partial: bool = False) -> nn.Module:
 
 
 def _full(model: nn.Module) -> dict[str, Tensor]:
-    from polyak.engine import is_dtensor
+    from polyak.tensors import is_dtensor
 
     return {k: (v.full_tensor() if is_dtensor(v) else v).detach().clone() for k, v in model.named_parameters()}
 
@@ -336,7 +352,7 @@ def _train_fsdp(model: nn.Module, ema: Any, rank: int, steps: range, snapshots: 
 def case_fsdp(rank: int, world: int, outdir: Path) -> dict[str, Any]:
     import polyak
     from polyak.distributed import export_full
-    from polyak.engine import is_dtensor, local
+    from polyak.tensors import is_dtensor, local
 
     model = _shard(make_net(), world)
     ema = polyak.ExponentialMovingAverage(model, momentum=MOMENTUM)
@@ -425,6 +441,48 @@ def case_fsdp_partial(rank: int, world: int, outdir: Path) -> dict[str, Any]:
         "export": export_full(ema),
         "replicated": {k: v.detach().clone() for k, v in ema.module.named_parameters() if k.startswith("3.")},
     }
+
+
+def case_fsdp_export_fails(rank: int, world: int, outdir: Path) -> dict[str, Any]:
+    import polyak
+    import polyak.distributed as pd
+
+    model = _shard(make_net(), world)
+    ema = polyak.ExponentialMovingAverage(model, momentum=MOMENTUM)
+    _train_fsdp(model, ema, rank, range(2))
+    real = pd.write_safetensors
+
+    def fails_after_two(path: Any, layout: Any, tensors: Any, metadata: Any = None) -> None:
+        def two() -> Any:
+            for i, item in enumerate(tensors):
+                if i == 2:
+                    raise OSError(28, "No space left on device (injected)")
+                yield item
+
+        real(path, layout, two(), metadata)
+
+    def save_fails(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device (injected)")
+
+    out: dict[str, Any] = {}
+    for mode, target, patch in (
+        ("stream", outdir / "kept.safetensors", ("write_safetensors", fails_after_two)),
+        ("end", outdir / "new.pt", ("torch_save", save_fails)),
+    ):
+        if rank == 0 and patch[0] == "write_safetensors":
+            pd.write_safetensors = patch[1]
+        saved = torch.save
+        if rank == 0 and patch[0] == "torch_save":
+            torch.save = patch[1]
+        try:
+            pd.export_full(ema, target)
+            out[mode] = ("none", "")
+        except Exception as e:
+            out[mode] = (type(e).__name__, e.strerror if isinstance(e, OSError) else str(e))
+        finally:
+            pd.write_safetensors = real
+            torch.save = saved
+    return out
 
 
 def main() -> None:

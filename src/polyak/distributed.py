@@ -117,26 +117,57 @@ def export_full(
     otherwise ``rank`` gets a plain state dict (``None`` on the other ranks) that the
     unsharded model loads, and ``path`` (if given) is written with ``torch.save``. With
     ``reduce_buffers`` the floating buffers are first averaged over the ranks.
+
+    A failure of the writing rank (a full disk, a bad path) reaches every rank: the writer
+    still takes part in the remaining gathers, then all ranks learn of it, so none is left
+    waiting in a collective; the writer raises its own error, the others a
+    :class:`RuntimeError` naming the writer. The file is then absent or as it was.
     """
     if reduce_buffers:
         all_reduce_buffers(average)
     me = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    stream = iter_full_state(average, rank=rank)
+    out: dict[str, Tensor] | None = None
+    error: Exception | None = None
+    try:
+        if me == rank:
+            out = _write_export(average, path, stream, metadata)
+    except Exception as e:  # reported to every rank below, once the gathers are done
+        error = e
+    for _ in stream:  # take part in every gather the writer did not reach
+        pass
+    _raise_if_any_rank_failed(error, rank)
+    return out if me == rank else None
+
+
+def _write_export(
+    average: nn.Module,
+    path: str | os.PathLike[str] | None,
+    stream: Iterator[tuple[str, Tensor | None]],
+    metadata: dict[str, str] | None,
+) -> dict[str, Tensor] | None:
+    """On the writing rank: stream into a safetensors file, or collect a state dict (and
+    ``torch.save`` it when ``path`` is given)."""
     if path is not None and str(path).endswith(".safetensors"):
         module = getattr(average, "module", average)
         layout = {name: (tuple(t.shape), t.dtype) for name, t in module.state_dict().items()}
-        stream = iter_full_state(average, rank=rank)
-        if me == rank:
-            atomic_write(path, lambda tmp: write_safetensors(tmp, layout, stream, metadata))  # type: ignore[arg-type]
-        else:
-            for _ in stream:  # take part in every gather
-                pass
+        atomic_write(path, lambda tmp: write_safetensors(tmp, layout, stream, metadata))  # type: ignore[arg-type]
         return None
-    out: dict[str, Tensor] = {}
-    for name, full in iter_full_state(average, rank=rank):
-        if full is not None:
-            out[name] = full
-    if me != rank:
-        return None
+    out = {name: full for name, full in stream if full is not None}
     if path is not None:
         atomic_write(path, lambda tmp: torch.save(out, tmp))
     return out
+
+
+def _raise_if_any_rank_failed(error: Exception | None, writer: int) -> None:
+    """Every rank learns whether the writer failed (a collective), and raises if it did."""
+    failed = error is not None
+    if dist.is_available() and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        flag = torch.tensor([int(failed)], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = bool(flag.item())
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"export_full failed on rank {writer}, which writes the weights: see its error")
