@@ -783,7 +783,11 @@ def test_momenta_outside_0_1_are_rejected_naming_momentum(m: float) -> None:
 
 
 @SETTINGS
-@given(d=st.one_of(st.floats(max_value=0.0, exclude_max=True), st.floats(min_value=1.0, exclude_min=True), st.just(math.nan)))
+@given(
+    d=st.one_of(
+        st.floats(max_value=0.0, exclude_max=True), st.floats(min_value=1.0, exclude_min=True), st.just(math.nan)
+    )
+)
 def test_decays_outside_0_1_are_rejected_naming_decay(d: float) -> None:
     for make in (lambda: Warmup(d), lambda: NumUpdatesWarmup(d), lambda: ConstantMomentum(decay=d)):
         with pytest.raises(ValueError, match="decay"):
