@@ -23,6 +23,7 @@ import torch
 import torchmetrics
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -513,7 +514,19 @@ def snapshot_of(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: (v.double() if v.is_floating_point() else v).clone() for k, v in state.items()}
 
 
-def test_a_checkpoint_written_during_validation_saves_the_live_weights_as_live(tmp_path: Path) -> None:
+class CopyingStrategy(SingleDeviceStrategy):
+    """A strategy whose checkpoint ``state_dict`` is a copy of the module's tensors (as a
+    strategy that moves them to the CPU, or gathers them, gives), not the tensors themselves."""
+
+    def lightning_module_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in super().lightning_module_state_dict().items()}
+
+
+@pytest.mark.parametrize("copying", [False, True], ids=["aliasing-strategy", "copying-strategy"])
+def test_a_checkpoint_written_during_validation_saves_the_live_weights_as_live(tmp_path: Path, copying: bool) -> None:
+    """The live weights are read from the model once the average is out, not from
+    ``checkpoint["state_dict"]``: with a strategy that copies, that dict holds the average."""
+
     class SaveDuringValidation(pl.Callback):
         def __init__(self) -> None:
             self.in_model: dict[str, Tensor] | None = None
@@ -527,7 +540,8 @@ def test_a_checkpoint_written_during_validation_saves_the_live_weights_as_live(t
     recorder = LiveRecorder(averaging)
     saver = SaveDuringValidation()
     model = Net()
-    trainer = make_trainer(tmp_path, [averaging, recorder, saver])
+    extra = {"strategy": CopyingStrategy(device=torch.device("cpu"))} if copying else {}
+    trainer = make_trainer(tmp_path, [averaging, recorder, saver], **extra)
     trainer.fit(model, train_loader(), val_loader())
 
     at = N_TRAIN // 4 - 1  # the last step of the first epoch
@@ -640,3 +654,13 @@ def test_cosine_ema_gets_max_steps_from_the_trainer(tmp_path: Path) -> None:
     average = averaging.averages["average"]
     assert average.max_steps == N_TRAIN // 4 and average.steps == N_TRAIN // 4
     assert math.isclose(average.current_momentum or 0.0, average.momentum_at(average.steps - 1))
+
+
+def test_sharded_strategies_are_refused_before_anything_is_built(tmp_path: Path) -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    averaging = WeightAveraging(averages())
+    trainer = make_trainer(tmp_path, [averaging], strategy=ModelParallelStrategy())
+    with pytest.raises(NotImplementedError, match="does not support sharded training.*ModelParallelStrategy"):
+        averaging.setup(trainer, Net(), "fit")
+    assert averaging.averages == {}

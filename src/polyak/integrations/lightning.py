@@ -35,6 +35,7 @@ from .. import checkpoint as ckpt
 from ..averaged_model import AveragedModel
 from ..hooks import OptimizerStepCounter
 from ..models import AVERAGES, BaseAveragedModel
+from ..tensors import is_dtensor
 from ..schedules import ConstantMomentum, Warmup, schedule_from_dict
 from ..validation import check_int
 from .lightning_eval import evaluation_pass, publish
@@ -78,6 +79,21 @@ def _factory(name: str, spec: Any) -> Callable[[nn.Module], BaseAveragedModel]:
     raise ValueError(
         f"average {name!r} must be a callable (module -> averaged model) or a mapping with a 'type', got {spec!r}"
     )
+
+
+def _refuse_sharded(trainer: pl.Trainer, pl_module: nn.Module) -> None:
+    """Sharded strategies are not supported: each rank's average would copy its parameter
+    shards and swap them as whole tensors. Refused before anything is built."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    sharded = isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy))
+    if sharded or any(is_dtensor(p) for p in pl_module.parameters()):
+        raise NotImplementedError(
+            f"WeightAveraging does not support sharded training ({type(strategy).__name__}): the averages "
+            "would copy parameter shards. Use DDP or a single device, or polyak's FSDP2 support in your own "
+            "loop (docs/distributed.md)."
+        )
 
 
 def _detached_clone(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -241,7 +257,11 @@ class WeightAveraging(Callback):
 
     # -- building ---------------------------------------------------------------------------------
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _refuse_sharded(trainer, pl_module)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _refuse_sharded(trainer, pl_module)  # parameters made sharded in configure_model
         if not self.averages or self._module is None or self._module() is not pl_module:
             self.averages = {n: self._build(n, f, trainer, pl_module) for n, f in self._factories.items()}
             self._module = weakref.ref(pl_module)
@@ -428,11 +448,13 @@ class WeightAveraging(Callback):
         if name is None:
             ckpt.pack(checkpoint, self.averages, weights_key=_WEIGHTS_KEY, live_key=_LIVE_KEY, primary=self.primary)
             return
-        # Written while an average is in the model (a save during validation): take the live weights
-        # back for the file, and clone what it holds before the average goes back in.
+        # Written while an average is in the model (a save during validation): put the live weights
+        # back and read them from the model (what the strategy put in checkpoint["state_dict"]
+        # was the average, and may be a copy of it), and clone what the file holds before the
+        # average goes back in.
         self._swap_out()
         try:
-            live = _detached_clone(checkpoint[_WEIGHTS_KEY])
+            live = _detached_clone(trainer.strategy.lightning_module_state_dict())
             ckpt.pack(
                 checkpoint, self.averages, weights_key=_WEIGHTS_KEY, live_key=_LIVE_KEY, primary=self.primary, live=live
             )
