@@ -23,8 +23,8 @@ import torch
 import torchmetrics
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -661,6 +661,6 @@ def test_sharded_strategies_are_refused_before_anything_is_built(tmp_path: Path)
 
     averaging = WeightAveraging(averages())
     trainer = make_trainer(tmp_path, [averaging], strategy=ModelParallelStrategy())
-    with pytest.raises(NotImplementedError, match="does not support sharded training.*ModelParallelStrategy"):
+    with pytest.raises(NotImplementedError, match=r"does not support sharded training.*ModelParallelStrategy"):
         averaging.setup(trainer, Net(), "fit")
     assert averaging.averages == {}

@@ -35,8 +35,8 @@ from .. import checkpoint as ckpt
 from ..averaged_model import AveragedModel
 from ..hooks import OptimizerStepCounter
 from ..models import AVERAGES, BaseAveragedModel
-from ..tensors import is_dtensor
 from ..schedules import ConstantMomentum, Warmup, schedule_from_dict
+from ..tensors import is_dtensor
 from ..validation import check_int
 from .lightning_eval import evaluation_pass, publish
 
