@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .models import AVERAGES, BaseAveragedModel
 from .schedules import ConstantMomentum, EqualAverage, Schedule
 from .tensors import StateEntry, is_averaged
-from .validation import check_choice
+from .validation import check_choice, check_count
 
 __all__ = ["AveragedModel"]
 
@@ -220,7 +220,7 @@ class AveragedModel(BaseAveragedModel):
         if "steps" in values:
             self.steps = values["steps"]
         elif "n_averaged" in values:
-            n = values["n_averaged"]
+            n = check_count("n_averaged", values["n_averaged"])
             self.steps = 0 if n == 0 else (n - 1) * self.interval + 1
         else:
             super().load_counters(values)

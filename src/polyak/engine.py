@@ -314,19 +314,28 @@ class _Fingerprint:
 
     ``Module._apply`` (``.to()``, ``.cuda()``, ``.half()``) and ``p.data = ...`` keep each
     Parameter object but give it new data; assigning a new Parameter or buffer replaces the
-    object in its module's table. So the identity of every tensor in its table and the data
-    pointer of every parameter tell whether the lists still hold (about 0.1 us per tensor).
+    object in its module's table; registering or deleting one, or a submodule, changes the
+    size of a table. So the size of every module's tables, the identity of every submodule and
+    tensor in its table, and the data pointer of every parameter tell whether the lists still
+    hold (about 0.1 us per tensor).
 
     With ``every_parameter=False`` (the average's own module, which only ``Module._apply`` and
     polyak change) the data pointer of one parameter per module stands for all of them, since
     ``_apply`` converts a module's parameters together.
     """
 
-    def __init__(self, state: dict[str, StateEntry], *, every_parameter: bool = True) -> None:
+    def __init__(self, module: nn.Module, state: dict[str, StateEntry], *, every_parameter: bool = True) -> None:
         entries = list(state.values())
         self.owners = [e.owner for e in entries]
         self.keys = [e.key for e in entries]
         self.tensors = [e.tensor for e in entries]
+        modules = list(module.modules())
+        self.tables = [t for m in modules for t in (m._parameters, m._buffers, m._modules)]
+        self.sizes = tuple(map(len, self.tables))
+        children = [(m._modules, k, c) for m in modules for k, c in m._modules.items()]
+        self.child_tables = [t for t, _, _ in children]
+        self.child_keys = [k for _, k, _ in children]
+        self.children = [c for _, _, c in children]
         if every_parameter:
             params = [e.tensor for e in entries if not e.is_buffer]
         else:
@@ -344,7 +353,12 @@ class _Fingerprint:
         return (*map(_data_ptr, self.params), *map(_data_ptr, map(_local_of, self.sharded)))
 
     def holds(self) -> bool:
-        return all(map(_is, map(_getitem, self.owners, self.keys), self.tensors)) and self._ptrs() == self.ptrs
+        return (
+            tuple(map(len, self.tables)) == self.sizes
+            and all(map(_is, map(_getitem, self.owners, self.keys), self.tensors))
+            and all(map(_is, map(_getitem, self.child_tables, self.child_keys), self.children))
+            and self._ptrs() == self.ptrs
+        )
 
 
 @dataclass
@@ -417,7 +431,7 @@ class AveragingEngine:
             if not state:
                 raise ValueError("the averaged model has no parameters or buffers: nothing to average")
             self._target_state = state
-            self._target_print = _Fingerprint(state, every_parameter=False)
+            self._target_print = _Fingerprint(self.target, state, every_parameter=False)
         return self._target_state
 
     def kind(self, entry: StateEntry) -> str:
@@ -436,10 +450,18 @@ class AveragingEngine:
 
     def bind(self, source: nn.Module) -> _Binding:
         """The resolved pairs between the target and ``source`` (cached, re-checked per call)."""
-        b = self._bindings.get(id(source))
-        if b is not None and b.source() is source and b.fresh():
-            return b
-        b = self._bind(source)
+        old = self._bindings.get(id(source))
+        if old is not None and old.source() is source:
+            if old.fresh():
+                return old
+        else:
+            old = None
+        try:
+            b = self._bind(source)
+        except ValueError as e:
+            if old is None:
+                raise
+            raise ValueError(f"the model changed since the average last read it: {e}") from None
         self._bindings = {k: v for k, v in self._bindings.items() if v.source() is not None}
         self._bindings[id(source)] = b
         return b
@@ -485,6 +507,11 @@ class AveragingEngine:
                 continue
             if kind == "avg" and not is_averaged(s):
                 raise ValueError(f"tensor {name!r} is {s.dtype} in the source but averaged as {e.tensor.dtype}")
+            if s.is_complex() and not e.tensor.is_complex():
+                raise ValueError(
+                    f"tensor {name!r} is {s.dtype} in the source but {e.tensor.dtype} in the average: its "
+                    "imaginary part would be dropped"
+                )
             names.append(name)
             kinds.append(kind)
             dst.append(local(e.tensor))
@@ -492,8 +519,8 @@ class AveragingEngine:
             is_buf.append(e.is_buffer)
         return _Binding(
             source=weakref.ref(source),
-            source_print=_Fingerprint(src),
-            target_print=_Fingerprint(tgt, every_parameter=False),
+            source_print=_Fingerprint(source, src),
+            target_print=_Fingerprint(self.target, tgt, every_parameter=False),
             names=names,
             kinds=kinds,
             dst=dst,

@@ -43,7 +43,7 @@ from .registry import Registry
 from .schedules import Schedule, interval_momentum
 from .sharded import ShardedAverageModule, copy_full_, reshard, sharded_copy
 from .tensors import StateEntry, is_averaged, is_dtensor, named_state, unwrap_model
-from .validation import ConventionWarning, check_float_dtype, check_int, warning_stacklevel
+from .validation import ConventionWarning, check_count, check_float_dtype, check_int, check_number, warning_stacklevel
 
 __all__ = ["BaseAveragedModel", "Update", "AVERAGES", "average_dtype", "copy_module"]
 
@@ -302,10 +302,7 @@ class BaseAveragedModel(nn.Module):
 
     @steps.setter
     def steps(self, value: int | Tensor) -> None:
-        value = int(value)
-        if value < 0:
-            raise ValueError(f"steps must be >= 0, got {value}")
-        self._steps = value
+        self._steps = check_count("steps", value)
 
     def counters(self) -> dict[str, int]:
         """The integers saved beside the weights (as int64 CPU tensors in ``state_dict()``)."""
@@ -321,7 +318,7 @@ class BaseAveragedModel(nn.Module):
                 "update re-initialises the average from the model",
                 stacklevel=warning_stacklevel(),
             )
-        self._steps = values.get("steps", 0)
+        self._steps = check_count("steps", values.get("steps", 0))
 
     # -- updates -------------------------------------------------------------------------
 
@@ -433,9 +430,17 @@ class BaseAveragedModel(nn.Module):
         return None if self._last_momentum is None else 1.0 - self._last_momentum
 
     def average_(self, model: nn.Module, weight: Weight) -> None:
-        """One averaging update with an explicit ``weight`` (a float or a 0-d tensor on the
-        average's device, for callers that keep their step count on the device). Does not
-        touch ``steps``."""
+        """One averaging update with an explicit ``weight``: a float in [0, 1], or a 0-d
+        floating tensor on the average's device, for callers that keep their step count on the
+        device. A tensor weight is read by the kernel, never by the host, so it is not checked:
+        its value is the caller's responsibility. Does not touch ``steps``."""
+        if isinstance(weight, Tensor):
+            if weight.numel() != 1 or not weight.is_floating_point():
+                raise ValueError(
+                    f"weight must be a float or a 0-d floating tensor, got {weight.dtype} {tuple(weight.shape)}"
+                )
+        else:
+            weight = check_number("weight", weight, 0.0, 1.0)
         self._check_not_swapped("average_")
         self.check_model(model, "average_")
         self._engine.average_(model, weight)
@@ -691,11 +696,14 @@ def _value_errors(sd: Mapping[str, Any], own: Mapping[str, Tensor], counters: tu
         if not isinstance(v, Tensor):
             errors.append(f"{k!r} is a {type(v).__name__}, not a tensor")
         elif k in counters:
-            if v.numel() != 1 or is_averaged(v):
-                errors.append(f"{k!r} must be a single integer, got {v.dtype} of shape {tuple(v.shape)}")
+            try:
+                check_count(k, v)
+            except ValueError:
+                shown = v.item() if v.numel() == 1 else f"shape {tuple(v.shape)}"
+                errors.append(f"{k!r} must be a single non-negative integer, got {v.dtype} {shown}")
         elif v.shape != own[k].shape:
             errors.append(f"{k!r} has shape {tuple(v.shape)} in the file but {tuple(own[k].shape)} in the average")
-        elif is_averaged(v) and not is_averaged(own[k]):
+        elif (is_averaged(v) and not is_averaged(own[k])) or (v.is_complex() and not own[k].is_complex()):
             errors.append(f"{k!r} is {v.dtype} in the file but {own[k].dtype} in the average")
     return errors
 

@@ -31,7 +31,7 @@ from .schedules import (
     RampUpMomentum,
     Schedule,
 )
-from .validation import check_int
+from .validation import check_count, check_int
 
 __all__ = [
     "ExponentialMovingAverage",
@@ -193,7 +193,7 @@ class RampUpEMA(BaseAveragedModel):
 
     def load_counters(self, values: dict[str, int]) -> None:  # type: ignore[override]
         super().load_counters(values)
-        self._start_calls = values.get("start_calls", self.start_iter if self.steps else 0)
+        self._start_calls = check_count("start_calls", values.get("start_calls", self.start_iter if self.steps else 0))
 
 
 @AVERAGES.register

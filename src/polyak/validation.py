@@ -25,6 +25,7 @@ __all__ = [
     "check_number",
     "check_choice",
     "check_float_dtype",
+    "check_count",
     "check_momentum",
     "check_decay",
     "ConventionWarning",
@@ -47,6 +48,25 @@ def check_int(name: str, value: object, minimum: int | None = 0, maximum: int | 
         raise ValueError(f"{name} must be an int{_int_range(minimum, maximum)}, got {value!r}")
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be an int{_int_range(minimum, maximum)}, got {value!r}")
+    return value
+
+
+def check_count(name: str, value: object) -> int:
+    """A count (``steps``, ``n_averaged``) as an int: a non-negative ``int`` (not a ``bool``) or a
+    one-element integer tensor holding one. A float, even a whole one, is refused: a count that
+    went through a float may have lost its exact value.
+
+    >>> check_count("steps", torch.tensor(12))
+    12
+    >>> check_count("steps", 2.7)
+    Traceback (most recent call last):
+    ValueError: steps must be a non-negative integer, got 2.7
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return value
 
 
