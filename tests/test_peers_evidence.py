@@ -504,7 +504,8 @@ def _hook_and_runner(model: nn.Module, **kwargs: object):  # type: ignore[no-unt
 def test_mmengine_ema_hook_updates_after_every_iteration() -> None:
     """mmengine-lite 0.10.7, mmengine/hooks/ema_hook.py:94-114: ``after_train_iter`` updates the
     average after every training iteration; it does not look at the optimizer, so iterations
-    that only accumulate gradients, and steps a GradScaler skipped, are updates too."""
+    that only accumulate gradients, and steps a GradScaler skipped, are updates too. The runner
+    given here has no ``message_hub``: the hook logs nothing (no momentum in the logs)."""
     model = nn.Linear(2, 2)
     hook, runner = _hook_and_runner(model, momentum=0.5)
     weight = model.weight.detach().clone()
