@@ -18,6 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "polyak"
 LAYERS: dict[str, tuple[str, ...]] = {
     "core": (
         "polyak.validation",
+        "polyak.interrupts",
         "polyak.registry",
         "polyak.tensors",
         "polyak.schedules",
@@ -34,6 +35,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "polyak.posthoc",
         "polyak.bn",
         "polyak.rl",
+        "polyak.compat",
     ),
     "scale": ("polyak.distributed",),
     "edge": ("polyak.hooks", "polyak.integrations", "polyak.cli", "polyak.__main__", "polyak"),

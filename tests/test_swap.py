@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 import pytest
@@ -296,3 +297,123 @@ def test_sync_buffers_copies_buffers_only(update_buffers: bool) -> None:
     for n, p in ema.module.named_parameters():
         assert torch.equal(p, params[n]), n
     assert ema.steps == steps
+
+
+# --------------------------------------------------------------------------------------------
+# The exchange is never left halfway, and changes made inside the block are caught
+
+
+def many_tensor_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(*[nn.Linear(16, 16) for _ in range(150)])
+
+
+def test_ctrl_c_during_the_exchange_never_mixes_live_and_average() -> None:
+    """SIGINT at random moments (``_thread.interrupt_main`` from a timer), 100 trials: whatever
+    it interrupts, the live weights and the average each come out whole, and the average is
+    never left marked as swapped in (it used to mix them in 79 of 100 trials)."""
+    import _thread
+    import random
+    import threading
+
+    model = many_tensor_model()
+    ema = ExponentialMovingAverage(model, momentum=0.5)
+    ema.update_parameters(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    average = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    rng = random.Random(0)
+    interrupted = 0
+    for _ in range(100):
+        timer = threading.Timer(rng.uniform(0.0, 0.004), _thread.interrupt_main)
+        timer.start()
+        try:
+            with ema.swapped(model):
+                time.sleep(rng.uniform(0.0, 0.002))
+            time.sleep(0.005)  # a late interrupt lands here, not in the next trial
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            timer.cancel()
+            timer.join()
+        assert not ema.is_swapped
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, live[k]), k
+        for k, v in ema.module.state_dict().items():
+            assert torch.equal(v, average[k]), k
+    assert interrupted > 50  # the interrupts did arrive
+
+
+def _bound_ema(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, ExponentialMovingAverage, dict, dict]:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).to(dtype)
+    ema = ExponentialMovingAverage(model, momentum=0.5)
+    ema.update_parameters(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update_parameters(model)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    average = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    return model, ema, live, average
+
+
+def test_tensors_replaced_inside_the_block_are_caught_and_both_restored() -> None:
+    model, ema, live, average = _bound_ema()
+    with pytest.raises(RuntimeError, match=r"replaced inside swapped\(\).*average is restored.*live weights are in"):
+        with ema.swapped(model):
+            model[0].weight.data = torch.zeros(4, 4)
+    assert not ema.is_swapped
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(v, average[k]), k
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, live[k]), k  # the new tensor got the live weights
+
+
+def test_half_inside_the_block_is_caught() -> None:
+    model, ema, live, average = _bound_ema()
+    with pytest.raises(RuntimeError, match=r"replaced inside swapped\(\)"):
+        with ema.swapped(model):
+            model.half()
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(v, average[k]), k
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.float16 and torch.equal(v, live[k].half()), k
+
+
+def test_an_in_place_write_inside_an_exchange_is_caught() -> None:
+    """Same dtype: the average's values sat in the model and were overwritten; the model gets
+    its live weights back, the average a copy of them, and the error says it is lost."""
+    model, ema, live, _ = _bound_ema()
+    other = {k: torch.full_like(v, 7.0) for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"written in place inside swapped\(\).*average was lost"):
+        with ema.swapped(model):
+            model.load_state_dict(other)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, live[k]), k
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(v, live[k]), k
+
+
+def test_an_in_place_write_with_a_backup_keeps_the_average() -> None:
+    """bf16 model, fp32 average: the live weights were backed up and the average never left
+    its own tensors, so both come back intact."""
+    model, ema, live, average = _bound_ema(torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"written in place inside swapped\(\).*average is intact"):
+        with ema.swapped(model):
+            with torch.no_grad():
+                model[1].bias.add_(1.0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, live[k]), k
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(v, average[k]), k
+
+
+def test_reading_inside_the_block_is_fine() -> None:
+    model, ema, live, _ = _bound_ema()
+    with ema.swapped(model):
+        model.eval()
+        model(torch.randn(3, 4))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, live[k]), k

@@ -560,20 +560,6 @@ class AveragingEngine:
         return zip(b.names, b.kinds, b.dst, b.src, strict=True)
 
     @torch.no_grad()
-    def swap_(self, model: nn.Module) -> None:
-        """Exchange the averaged tensors with ``model``'s, in place, one tensor at a time.
-
-        The peak extra memory is one tensor. Exact both ways only when each pair has the
-        same dtype; the caller checks that.
-        """
-        for _, kind, avg, live in self.pairs(model):
-            if kind != "avg":
-                continue
-            tmp = live.clone()
-            live.copy_(avg)
-            avg.copy_(tmp)
-
-    @torch.no_grad()
     def write_to_(self, model: nn.Module, subset: str = "all") -> None:
         """Copy the target's tensors into ``model`` (``"all"`` or ``"avg"``)."""
         for _, kind, avg, live in self.pairs(model):

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .engine import AveragingEngine, Weight, flatten_tensors_
+from .interrupts import HeldInterrupts
 from .registry import Registry
 from .schedules import Schedule, interval_momentum
 from .sharded import ShardedAverageModule, copy_full_, reshard, sharded_copy
@@ -472,6 +473,24 @@ class BaseAveragedModel(nn.Module):
         Raises :class:`RuntimeError` before the first update, when the average is still the
         construction-time copy.
 
+        The exchange in and out is never left halfway: a Ctrl-C arriving during it is held back
+        and delivered once it is complete (in the block, or after the live weights are back),
+        and an error during it undoes the tensors already exchanged.
+
+        The block must not change the model's averaged tensors: what it finds in them is the
+        average. At the end of the block polyak checks, and raises :class:`RuntimeError` after
+        putting back what it can, when:
+
+        * the tensors were replaced (``model.half()``, ``.to()``, ``p.data = ...``, a new
+          Parameter or submodule): the average gets its own values back, and, where the model
+          still matches the average by name and shape, its new tensors get the live weights
+          (cast); otherwise the model keeps what the block made of it;
+        * they were written in place (``model.load_state_dict(...)``, an optimizer step; seen
+          through tensor version counters): the model gets its live weights back; with an
+          exchange (same dtype) the average's values were those overwritten, so the average
+          then holds a copy of the live weights, and the error says the average is lost; with a
+          backup (different dtypes) the average is intact.
+
         >>> # with ema.swapped(model):
         >>> #     evaluate(model)
         """
@@ -483,27 +502,74 @@ class BaseAveragedModel(nn.Module):
                 "before swapping the average in"
             )
         self._reshard(model)
+        binding = self._engine.bind(model)
         pairs = [(a, b) for _, kind, a, b in self._engine.pairs(model) if kind == "avg"]
         exact = all(a.dtype == b.dtype for a, b in pairs)
-        backup = None
-        with torch.no_grad():
-            if exact:
-                self._engine.swap_(model)
-            else:
-                backup = [b.clone() for _, b in pairs]
-                for a, b in pairs:
-                    b.copy_(a)
-        self._swapped = True
+        with HeldInterrupts() as held, torch.no_grad():
+            backup = _swap_in(pairs, exact)
+            self._swapped = True
+            versions = [b._version for _, b in pairs]
         try:
+            held.deliver()
             yield model
         finally:
-            self._reshard(model)
-            with torch.no_grad():
-                if backup is None:
-                    self._engine.swap_(model)
-                else:
-                    torch._foreach_copy_([b for _, b in pairs], backup)
-            self._swapped = False
+            with HeldInterrupts() as held:
+                self._reshard(model)
+                problem = self._swap_out(model, binding, pairs, backup, versions)
+                self._swapped = False
+            held.deliver()
+            if problem is not None:
+                raise RuntimeError(problem)
+
+    def _swap_out(
+        self,
+        model: nn.Module,
+        binding: Any,
+        pairs: list[tuple[Tensor, Tensor]],
+        backup: list[Tensor] | None,
+        versions: list[int],
+    ) -> str | None:
+        """Put the live weights back after a :meth:`swapped` block; returns what went wrong
+        inside it (see :meth:`swapped`), or None."""
+        replaced = not binding.fresh()
+        written = [b._version for _, b in pairs] != versions
+        with torch.no_grad():
+            if backup is None and written and not replaced:
+                # The average's values in the model were overwritten: the live weights go back
+                # into the model and the average keeps a copy of them.
+                torch._foreach_copy_([b for _, b in pairs], [a for a, _ in pairs])
+            else:
+                _swap_back(pairs, backup)
+        if replaced:
+            moved = self._give_live_weights(model, pairs)
+            what = "the live weights are in its new tensors" if moved else "it keeps what the block made of it"
+            return (
+                "the model's averaged tensors were replaced inside swapped() (model.half(), .to(), p.data = ..., "
+                f"or a new parameter or submodule): the average is restored; {what}"
+            )
+        if written:
+            lost = "the average was lost (it held those values) and now holds a copy of the live weights"
+            kept = "the average is intact"
+            return (
+                "the model's averaged tensors were written in place inside swapped() (load_state_dict, an "
+                f"optimizer step?): the model has its live weights back; {lost if backup is None else kept}"
+            )
+        return None
+
+    def _give_live_weights(self, model: nn.Module, pairs: list[tuple[Tensor, Tensor]]) -> bool:
+        """After the model's tensors were replaced in a swapped block: copy the live weights (in
+        the old tensors) into its new ones, where it still matches the average."""
+        try:
+            now = [live for _, kind, _, live in self._engine.pairs(model) if kind == "avg"]
+        except ValueError:
+            return False
+        if [t.shape for t in now] != [b.shape for _, b in pairs]:
+            return False
+        with torch.no_grad():
+            for new, (_, old) in zip(now, pairs, strict=True):
+                if new is not old:
+                    new.copy_(old)
+        return True
 
     def copy_to(self, model: nn.Module) -> None:
         """Write the average (parameters and buffers) into ``model`` permanently."""
@@ -664,6 +730,48 @@ class BaseAveragedModel(nn.Module):
         except ValueError as e:  # e.g. CosineEMA before max_steps is known
             rule = f"<{e}>"
         return f"steps={self._steps}, interval={self.interval}, rule={rule}"
+
+
+def _swap_in(pairs: list[tuple[Tensor, Tensor]], exact: bool) -> list[Tensor] | None:
+    """Put each average tensor ``a`` into its live tensor ``b``: exchanged when the dtypes are
+    the same (returns None), else copied after a backup of the live ones (returns it). On an
+    error nothing stays changed."""
+    if exact:
+        _exchange(pairs)
+        return None
+    backup = [b.clone() for _, b in pairs]
+    try:
+        for a, b in pairs:
+            b.copy_(a)
+    except BaseException:
+        torch._foreach_copy_([b for _, b in pairs], backup)
+        raise
+    return backup
+
+
+def _swap_back(pairs: list[tuple[Tensor, Tensor]], backup: list[Tensor] | None) -> None:
+    if backup is None:
+        _exchange(pairs)
+    else:
+        torch._foreach_copy_([b for _, b in pairs], backup)
+
+
+def _exchange(pairs: list[tuple[Tensor, Tensor]]) -> None:
+    """Exchange the values of each pair in place, one tensor of extra memory at a time; on an
+    error, the pairs already exchanged are exchanged back."""
+    done = 0
+    try:
+        for a, b in pairs:
+            tmp = b.clone()
+            b.copy_(a)
+            a.copy_(tmp)
+            done += 1
+    except BaseException:
+        for a, b in reversed(pairs[:done]):
+            tmp = b.clone()
+            b.copy_(a)
+            a.copy_(tmp)
+        raise
 
 
 def _drop_skipped(module: BaseAveragedModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
