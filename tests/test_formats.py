@@ -140,11 +140,13 @@ def test_unsafe_really_unpickles(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "--unsafe" in capsys.readouterr().err
 
 
-def test_plain_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
+def test_plain_checkpoint_loads_with_nothing_replaced(tmp_path: Path) -> None:
+    """Every .pt file goes through polyak's restricted unpickler (torch's weights_only list,
+    guarded: issue 11); a plain state dict has nothing to replace."""
     path = tmp_path / "plain.pt"
     torch.save(make_net().state_dict(), path)
     loaded = files.load(path)
-    assert loaded.loader == "weights_only" and not loaded.replaced
+    assert loaded.loader == "restricted" and not loaded.replaced
     assert files.is_state_dict(loaded.obj)
 
 

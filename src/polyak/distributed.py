@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .files import atomic_write, write_safetensors
+from .files import atomic_write, torch_save, write_safetensors
 from .tensors import is_averaged, is_dtensor
 
 __all__ = ["all_reduce_buffers", "save", "load", "export_full", "iter_full_state"]
@@ -155,7 +155,7 @@ def _write_export(
         return None
     out = {name: full for name, full in stream if full is not None}
     if path is not None:
-        atomic_write(path, lambda tmp: torch.save(out, tmp))
+        atomic_write(path, lambda tmp: torch_save(out, tmp))
     return out
 
 

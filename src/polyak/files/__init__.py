@@ -10,15 +10,20 @@ polyak's own checkpoint layout (what the dict holds) is :mod:`polyak.checkpoint`
 other libraries' layouts live with their only user, the command line (``polyak.cli.formats``).
 """
 
-from .errors import FormatError, first_line
+from .errors import FormatError, first_line, shown
+from .paths import check_input, check_writable, openable
 from .reading import MODEL_KEYS, Loaded, is_state_dict, iter_tensors, load, model_state_dict, sniff, tensors_only
 from .streaming import SAFETENSORS_DTYPES, Layout, SafetensorsFile, layout_of, write_safetensors
 from .unpickler import Opaque, restricted_pickle_module
-from .writing import atomic_write, check_output, save_checkpoint, save_weights
+from .writing import atomic_write, check_output, save_checkpoint, save_weights, torch_save
 
 __all__ = [
     "FormatError",
     "first_line",
+    "shown",
+    "check_input",
+    "check_writable",
+    "openable",
     "load",
     "Loaded",
     "sniff",
@@ -35,6 +40,7 @@ __all__ = [
     "Opaque",
     "restricted_pickle_module",
     "atomic_write",
+    "torch_save",
     "check_output",
     "save_weights",
     "save_checkpoint",

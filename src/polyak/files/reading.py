@@ -12,7 +12,6 @@ unpickles the file as it asks. safetensors files hold no code.
 from __future__ import annotations
 
 import os
-import pickle
 import struct
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -24,7 +23,8 @@ import torch
 from torch import Tensor
 
 from .. import checkpoint as ckpt
-from .errors import FormatError, first_line
+from .errors import FormatError, first_line, shown
+from .paths import check_input, openable
 from .streaming import SafetensorsFile
 from .unpickler import Opaque, restricted_pickle_module
 
@@ -82,82 +82,73 @@ def load(
 ) -> Loaded:
     """Read a checkpoint file without running code from it (see the module docstring).
 
-    ``mmap`` maps a ``torch.save`` zip file instead of reading it (tensors are paged in as they
-    are used). ``lazy_safetensors`` returns a safetensors file as a :class:`SafetensorsFile`
-    (tensors read one at a time) instead of a dict. Raises :class:`FormatError`.
+    The path must be a regular file (a FIFO or a device is refused before it is opened); a name
+    that is not valid UTF-8 is read too. ``mmap`` maps a ``torch.save`` zip file instead of
+    reading it (tensors are paged in as they are used). ``lazy_safetensors`` returns a
+    safetensors file as a :class:`SafetensorsFile` (tensors read one at a time) instead of a
+    dict. Raises :class:`FormatError`.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FormatError(f"{path}: no such file")
-    if path.is_dir():
-        raise FormatError(f"{path} is a directory, not a checkpoint file")
+    path = check_input(path)
     try:
         kind = sniff(path)
     except OSError as e:
-        raise FormatError(f"{path}: cannot read: {first_line(e)}") from e
+        raise FormatError(f"{shown(path)}: cannot read: {first_line(e)}") from e
     if kind == "safetensors":
         sf = SafetensorsFile(path)
         obj: Any = sf if lazy_safetensors else sf.load_all()
         return Loaded(path, obj, "safetensors", metadata=sf.metadata)
     if kind == "unknown":
-        raise FormatError(f"{path} is not a PyTorch (torch.save) or safetensors checkpoint")
-    # torch.load hands a path ending in .safetensors to safetensors: give it the open file then
-    odd_name = path.name.endswith(".safetensors")
-    use_mmap = mmap and kind == "zip" and not odd_name
-
-    def torch_load(**kwargs: Any) -> Any:
-        if not odd_name:
-            return torch.load(path, map_location="cpu", mmap=use_mmap, **kwargs)
-        with open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", **kwargs)
-
-    if unsafe:
-        try:
-            obj = torch_load(weights_only=False)
-        except Exception as e:
-            raise FormatError(f"{path} could not be read: {first_line(e)}") from e
-        return Loaded(path, obj, "unsafe")
-    try:
-        return Loaded(path, torch_load(weights_only=True), "weights_only")
-    except pickle.UnpicklingError:
-        pass  # other objects than tensors: read them as placeholders below
-    except Exception as e:
-        raise FormatError(f"{path} is corrupt or not a PyTorch checkpoint: {first_line(e)}") from e
+        raise FormatError(f"{shown(path)} is not a PyTorch (torch.save) or safetensors checkpoint")
     replaced: Counter[str] = Counter()
+    options: dict[str, Any] = {"map_location": "cpu", "weights_only": False}
+    if not unsafe:
+        options["pickle_module"] = restricted_pickle_module(replaced)
     try:
-        obj = torch_load(weights_only=False, pickle_module=restricted_pickle_module(replaced))
+        obj = _torch_load(path, mmap=mmap and kind == "zip", **options)
     except Exception as e:
-        raise FormatError(f"{path} is corrupt or not a PyTorch checkpoint: {first_line(e)}") from e
-    return Loaded(path, obj, "restricted", replaced)
+        what = "could not be read" if unsafe else "is corrupt or not a PyTorch checkpoint"
+        raise FormatError(f"{shown(path)} {what}: {first_line(e)}") from e
+    return Loaded(path, obj, "unsafe" if unsafe else "restricted", replaced)
+
+
+def _torch_load(path: Path, *, mmap: bool, **options: Any) -> Any:
+    """``torch.load`` of ``path``, mapped when asked; through the open file when the name ends
+    in ``.safetensors`` (``torch.load`` would hand such a path to safetensors)."""
+    with openable(path) as name:
+        if path.name.endswith(".safetensors"):
+            with open(name, "rb") as f:
+                return torch.load(f, **options)
+        return torch.load(name, mmap=mmap, **options)
 
 
 # -- walking what was loaded ----------------------------------------------------------------------
 
 
 def iter_tensors(obj: Any, path: str = "") -> Iterator[tuple[str, Tensor]]:
-    """Every tensor in ``obj`` (dicts, lists, tuples, :class:`Opaque` data), with a path."""
+    """Every tensor in ``obj`` (dicts, lists, tuples, :class:`Opaque` data), with a path, depth
+    first. Iterative, so a file nested a million levels deep is walked, not a RecursionError."""
     seen: set[int] = set()
-
-    def walk(o: Any, p: str) -> Iterator[tuple[str, Tensor]]:
+    stack: list[Iterator[tuple[str, Any]]] = [iter([(path, obj)])]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        p, o = item
         if isinstance(o, Tensor):
             yield p, o
-            return
+            continue
         if id(o) in seen:
-            return
+            continue
         if isinstance(o, Mapping):
             seen.add(id(o))
-            for k, v in o.items():
-                yield from walk(v, f"{p}.{k}" if p else str(k))
+            stack.append(((f"{p}.{k}" if p else str(k), v) for k, v in list(o.items())))
         elif isinstance(o, (list, tuple)):
             seen.add(id(o))
-            for i, v in enumerate(o):
-                yield from walk(v, f"{p}[{i}]")
+            stack.append(((f"{p}[{i}]", v) for i, v in enumerate(o)))
         elif isinstance(o, Opaque):
             seen.add(id(o))
-            for name in ("args", "kwargs", "state", "items", "entries"):
-                yield from walk(getattr(o, name, None), f"{p}<{name}>")
-
-    yield from walk(obj, path)
+            stack.append((f"{p}<{n}>", getattr(o, n, None)) for n in ("args", "kwargs", "state", "items", "entries"))
 
 
 def is_state_dict(obj: Any) -> bool:

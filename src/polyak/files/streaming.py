@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import FormatError, first_line
+from .errors import FormatError, first_line, shown
+from .paths import check_input, openable
 
 __all__ = ["SAFETENSORS_DTYPES", "SafetensorsFile", "Layout", "layout_of", "write_safetensors"]
 
@@ -48,14 +49,15 @@ class SafetensorsFile:
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
 
-        self.path = path
+        self.path = check_input(path)
         try:
-            self._handle = safe_open(str(path), framework="pt")
+            with openable(self.path) as name:
+                self._handle = safe_open(name, framework="pt")
             self.metadata: dict[str, str] = dict(self._handle.metadata() or {})
             self._keys = list(self._handle.keys())
             self._info = {k: self._handle.get_slice(k) for k in self._keys}
         except Exception as e:  # safetensors raises its own error types for a damaged header
-            raise FormatError(f"{path} is a damaged safetensors file: {first_line(e)}") from e
+            raise FormatError(f"{shown(path)} is a damaged safetensors file: {first_line(e)}") from e
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -70,7 +72,7 @@ class SafetensorsFile:
         try:
             return self._handle.get_tensor(key)
         except Exception as e:
-            raise FormatError(f"{self.path}: tensor {key!r} could not be read: {first_line(e)}") from e
+            raise FormatError(f"{shown(self.path)}: tensor {shown(key)!r} could not be read: {first_line(e)}") from e
 
     def load_all(self) -> dict[str, Tensor]:
         return {k: self.get(k) for k in self._keys}

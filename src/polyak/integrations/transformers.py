@@ -43,7 +43,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .. import checkpoint as ckpt
-from ..files import atomic_write, load
+from ..files import atomic_write, load, torch_save
 from ..hooks import OptimizerStepCounter, find_optimizers
 from ..models import BaseAveragedModel
 from ..openmmlab import ExponentialMovingAverage
@@ -297,7 +297,7 @@ class AveragingCallback(TrainerCallback):
         """Write :meth:`state_dict` to ``directory/polyak_averages.pt``; return the path."""
         path = os.path.join(directory, AVERAGING_STATE_NAME)
         state = self.state_dict(model, include_primary=include_primary)
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch_save(state, tmp))
         return path
 
     def load_state(self, directory: str, model: nn.Module, *, strict: bool = True, model_loaded: bool = False) -> bool:
