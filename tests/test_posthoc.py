@@ -751,3 +751,66 @@ def test_interval_leaves_no_weight_on_the_start() -> None:
     ramp = float((w * torch.arange(100_000, dtype=torch.float64)).sum())
     assert ramp == pytest.approx(avg, rel=1e-12)
     assert 94_600 < ramp < 94_729  # the ideal (interval 1) is 94,729; the last step read is 99,900
+
+
+# -- hostile snapshot folders and impossible values --------------------------------------------------
+
+
+def _two_snapshots(tmp_path: Path) -> PostHocEMA:
+    model = tiny_model()
+    ema = PostHocEMA(model, (0.05, 0.10), snapshot_every=5, snapshot_dir=tmp_path, snapshot_dtype=torch.float32)
+    run(model, trajectory(model, 10), [ema])
+    return ema
+
+
+def test_a_fifo_among_the_snapshots_is_named_not_waited_for(tmp_path: Path) -> None:
+    import os
+
+    _two_snapshots(tmp_path)
+    fifo = tmp_path / "phema-0.0500-000000099.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(SnapshotError, match=re.escape(str(fifo)) + " is a FIFO"):
+        find_snapshots(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("copied", "[" * 100_000 + "]" * 100_000, "copied must be a JSON list of names"),
+        ("copied", '{"a": 1}', "copied must be a JSON list of names, got a dict"),
+        ("step", "5" * 40, "step must be a whole number"),
+        ("gamma", "1e308", "gamma=1e\\+308"),
+        ("profile", "", "profile must be a name"),
+    ],
+)
+def test_damaged_metadata_is_named(tmp_path: Path, field: str, value: str, message: str) -> None:
+    """Deeply nested JSON used to end in a RecursionError that named no file."""
+    _two_snapshots(tmp_path)
+    victim = sorted(tmp_path.glob("*.safetensors"))[0]
+    with safe_open(str(victim), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta[field] = value
+    save_file(tensors, str(victim), metadata=meta)
+    with pytest.raises(SnapshotError, match=re.escape(str(victim)) + ".*" + message):
+        find_snapshots(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"gamma": math.nan}, r"^gamma must be in \(-1.0, 1000000.0\]"),
+        ({"gamma": 1e308}, r"^gamma must be in"),
+        ({"gamma": -1.0}, r"^gamma must be in"),
+        ({"sigma_rel": 1e-9}, "too small"),
+        ({"sigma_rel": 0.07, "at_step": 10**20}, r"^at_step must be an int in \[1, 10\]"),
+        ({"sigma_rel": 0.07, "at_step": 0}, r"^at_step must be an int in \[1, 10\]"),
+    ],
+)
+def test_impossible_synthesis_arguments_are_refused(tmp_path: Path, kwargs: dict, message: str) -> None:
+    """--gamma nan or 1e308 ended in a PyTorch internal assert, --gamma -1 in "coefficients do
+    not sum", and an at_step past the last snapshot succeeded."""
+    _two_snapshots(tmp_path)
+    sigma_rel = kwargs.pop("sigma_rel", None)
+    with pytest.raises(ValueError, match=message):
+        plan_synthesis(tmp_path, sigma_rel, **kwargs)

@@ -63,6 +63,7 @@ __all__ = [
 _SUBMODULES = frozenset(
     {
         "checkpoint",
+        "compat",
         "distributed",
         "engine",
         "files",

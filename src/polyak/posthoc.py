@@ -36,11 +36,11 @@ from torch import Tensor, nn
 
 from .averaged_model import AveragedModel
 from .checkpoint import FORMAT_VERSION
-from .files import FormatError, save_weights
+from .files import FormatError, SafetensorsFile, first_line, save_weights, shown
 from .group import AverageGroup
 from .schedules import PowerFunction, gamma_to_sigma_rel, sigma_rel_to_gamma
 from .tensors import is_averaged
-from .validation import check_int
+from .validation import check_int, check_number
 
 __all__ = [
     "PostHocEMA",
@@ -57,6 +57,9 @@ __all__ = [
 ]
 
 FORMAT = "polyak-posthoc"
+#: The largest exponent synthesized or read (sigma_rel about 1e-6): beyond it the profiles'
+#: inner products overflow float64.
+GAMMA_MAX = 1e6
 _NAME = re.compile(r"^(?P<profile>.+)-(?P<step>\d{9,})\.safetensors$")
 
 
@@ -190,33 +193,32 @@ def _profile_name(sigma_rel: float) -> str:
 
 
 def _read_snapshot(path: Path) -> Snapshot:
-    from safetensors import safe_open
-
+    """A snapshot file's description, from its safetensors metadata, checked field by field:
+    every problem is a :class:`SnapshotError` naming the file."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except FileNotFoundError as e:
-        raise SnapshotError(f"snapshot {path} does not exist") from e
-    except Exception as e:  # safetensors raises its own error types for a damaged header
-        raise SnapshotError(f"snapshot {path} is unreadable or corrupt: {e}") from e
+        meta = SafetensorsFile(path).metadata
+    except FormatError as e:
+        raise SnapshotError(f"snapshot {e}") from None
     if meta.get("format") != FORMAT:
-        raise SnapshotError(f"{path} is not a polyak post-hoc snapshot (metadata format={meta.get('format')!r})")
+        raise SnapshotError(
+            f"{shown(path)} is not a polyak post-hoc snapshot (metadata format={shown(meta.get('format'))!r})"
+        )
     try:
         snap = Snapshot(
             path=path,
-            profile=meta["profile"],
-            gamma=float(meta["gamma"]),
-            step=int(meta["step"]),
-            time=int(meta["time"]),
-            interval=int(meta.get("interval", "1")),
-            samples=int(meta["samples"]) if meta.get("samples") else None,
-            copied=tuple(json.loads(meta.get("copied", "[]"))),
+            profile=_text_field(meta, "profile"),
+            gamma=_float_field(meta, "gamma"),
+            step=_int_field(meta, "step"),
+            time=_int_field(meta, "time"),
+            interval=_int_field(meta, "interval", "1"),
+            samples=_int_field(meta, "samples") if meta.get("samples") else None,
+            copied=_names_field(meta, "copied"),
         )
-    except (KeyError, ValueError, TypeError) as e:
-        raise SnapshotError(f"snapshot {path} has damaged metadata: {e}") from e
+    except ValueError as e:
+        raise SnapshotError(f"snapshot {shown(path)} has damaged metadata: {e}") from None
     problems = []
-    if not (math.isfinite(snap.gamma) and snap.gamma > -1):
-        problems.append(f"gamma={snap.gamma} (must be finite and > -1)")
+    if not (math.isfinite(snap.gamma) and -1 < snap.gamma <= GAMMA_MAX):
+        problems.append(f"gamma={snap.gamma} (must be finite, > -1 and <= {GAMMA_MAX:g})")
     if snap.interval < 1:
         problems.append(f"interval={snap.interval} (must be >= 1)")
     elif snap.step < 1 or snap.time != averaged_time(snap.step, snap.interval):
@@ -225,8 +227,41 @@ def _read_snapshot(path: Path) -> Snapshot:
     if named is not None and int(named.group("step")) != snap.step:
         problems.append(f"step={snap.step} but the file name says {int(named.group('step'))}")
     if problems:
-        raise SnapshotError(f"snapshot {path} has impossible metadata: {'; '.join(problems)}")
+        raise SnapshotError(f"snapshot {shown(path)} has impossible metadata: {'; '.join(problems)}")
     return snap
+
+
+def _text_field(meta: dict[str, str], key: str) -> str:
+    value = meta.get(key)
+    if not value or len(value) > 200:
+        raise ValueError(f"{key} must be a name of 1 to 200 characters, got {shown(value)[:60]!r}")
+    return value
+
+
+def _int_field(meta: dict[str, str], key: str, default: str | None = None) -> int:
+    value = meta.get(key, default)
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise ValueError(f"{key} must be a whole number below 10**18, got {shown(value)[:60]!r}")
+    return int(value)
+
+
+def _float_field(meta: dict[str, str], key: str) -> float:
+    value = meta.get(key)
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number, got {shown(value)[:60]!r}") from None
+
+
+def _names_field(meta: dict[str, str], key: str) -> tuple[str, ...]:
+    """A JSON list of tensor names (what a snapshot copied rather than averaged)."""
+    try:
+        value = json.loads(meta.get(key, "[]"))
+    except (ValueError, RecursionError):
+        raise ValueError(f"{key} must be a JSON list of names") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} must be a JSON list of names, got a {type(value).__name__}")
+    return tuple(value)
 
 
 def find_snapshots(directory: str | os.PathLike[str]) -> list[Snapshot]:
@@ -234,7 +269,7 @@ def find_snapshots(directory: str | os.PathLike[str]) -> list[Snapshot]:
     profile. Raises :class:`SnapshotError` naming a damaged file."""
     root = Path(directory)
     if not root.is_dir():
-        raise SnapshotError(f"snapshot directory {root} does not exist")
+        raise SnapshotError(f"snapshot directory {shown(root)} does not exist")
     found = [_read_snapshot(p) for p in sorted(root.iterdir()) if _NAME.match(p.name)]
     return sorted(found, key=lambda s: (s.step, s.profile))
 
@@ -276,12 +311,18 @@ def plan_synthesis(
     step) and solve for their coefficients (:func:`solve_coefficients`)."""
     if (sigma_rel is None) == (gamma is None):
         raise ValueError("give exactly one of sigma_rel and gamma")
-    target_gamma = float(gamma) if gamma is not None else sigma_rel_to_gamma(sigma_rel)  # type: ignore[arg-type]
+    if gamma is not None:
+        target_gamma = check_number("gamma", gamma, -1.0, GAMMA_MAX, open_low=True)
+    else:
+        target_gamma = sigma_rel_to_gamma(sigma_rel)  # type: ignore[arg-type]
+        if target_gamma > GAMMA_MAX:
+            raise ValueError(f"sigma_rel={sigma_rel} is too small: its exponent gamma is above {GAMMA_MAX:g}")
     snaps = find_snapshots(snapshots) if isinstance(snapshots, (str, os.PathLike)) else list(snapshots)
     if not snaps:
-        raise SnapshotError("no snapshots found")
-    if at_step is None:
-        at_step = max(s.step for s in snaps)
+        where = f" in {shown(snapshots)}" if isinstance(snapshots, (str, os.PathLike)) else ""
+        raise SnapshotError(f"no snapshots found{where}")
+    latest = max(s.step for s in snaps)
+    at_step = latest if at_step is None else check_int("at_step", at_step, 1, latest)
     used = [s for s in snaps if 0 < s.step <= at_step]
     if not used:
         raise SnapshotError(f"no snapshot was taken at or before step {at_step} (the first is at {snaps[0].step})")
@@ -343,20 +384,18 @@ def _accumulate(
     """Add ``coef`` times each averaged tensor of one snapshot file to ``acc`` (and take the
     copied ones from it when it is the ``latest``); returns its tensor names, which must be those
     of the first snapshot read (``keys``)."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(snap.path), framework="pt") as f:
-            names = list(f.keys())
-            if keys is not None and sorted(names) != sorted(keys):
-                diff = sorted(set(names) ^ set(keys))[:5]
-                raise SnapshotError(f"snapshot {snap.path} holds other tensors than the first one: {diff}")
-            for name in names:
-                _add(acc, name, f.get_tensor(name), coef, copied=name in snap.copied, latest=latest)
+        f = SafetensorsFile(snap.path)
+        names = f.keys()
+        if keys is not None and sorted(names) != sorted(keys):
+            diff = [shown(n) for n in sorted(set(names) ^ set(keys))[:5]]
+            raise SnapshotError(f"snapshot {shown(snap.path)} holds other tensors than the first one: {diff}")
+        for name in names:
+            _add(acc, name, f.get(name), coef, copied=name in snap.copied, latest=latest)
     except SnapshotError:
         raise
     except Exception as e:
-        raise SnapshotError(f"snapshot {snap.path} could not be read: {e}") from e
+        raise SnapshotError(f"snapshot {shown(snap.path)} could not be read: {first_line(e)}") from e
     return names if keys is None else keys
 
 
