@@ -104,6 +104,16 @@ def test_quick_subprocess(tmp_path: Path) -> None:
     assert "training" in proc.stderr  # the progress bar
 
 
+def test_help_says_what_the_seed_decides() -> None:
+    """The run has no data augmentation: the help does not say the seed decides one."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "polyak", "demo", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "augment" not in proc.stdout
+    assert "seed of the initialisation and the batch order" in " ".join(proc.stdout.split())
+
+
 def test_flags_parse() -> None:
     args = build_parser().parse_args(
         [

@@ -15,7 +15,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .. import __version__
 from . import average, convert, demo, export, inspect, posthoc
+from .console import HelpFormatter
 from .options import CLIError
 
 __all__ = ["main", "build_parser", "CLIError"]
@@ -23,8 +25,22 @@ __all__ = ["main", "build_parser", "CLIError"]
 COMMANDS = (average, export, convert, inspect, posthoc, demo)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with polyak's help layout (:class:`~polyak.cli.console.HelpFormatter`):
+    the main parser is one, and so is each command's (``add_subparsers`` makes its parsers of
+    the main parser's class)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="polyak", description="Weight-averaging tools for PyTorch checkpoints.")
+    parser = ArgumentParser(
+        prog="polyak",
+        description="Weight-averaging tools for PyTorch checkpoints. 'polyak COMMAND --help' shows each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"polyak {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
         command.register(sub)

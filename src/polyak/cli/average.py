@@ -27,18 +27,23 @@ def register(sub: Any) -> None:
         description=(
             "Average the weights of several checkpoints of one model into a state dict the model loads. "
             "Floating tensors are averaged in float64 and written in the dtype of the last checkpoint; "
-            "integer and bool tensors (num_batches_tracked) are taken from the last checkpoint. "
+            "integer and bool tensors (num_batches_tracked) are taken from the last checkpoint, and so are "
+            "BatchNorm statistics with --buffers last. "
             "From a training checkpoint the weights are taken from --key, else from polyak's primary "
             "average, else from 'state_dict' (or 'model', 'model_state_dict', 'module', ...), else the "
-            "file itself when it is a state dict. All files must hold the same names and shapes."
+            "file itself when it is a state dict. All files must hold the same names and shapes. "
+            "The output's extension says its format: .safetensors, or .pt, .pth, .ckpt, .bin (torch.save)."
         ),
         epilog="examples:\n  polyak average ep8.pt ep9.pt ep10.pt -o soup.safetensors\n"
         "  polyak average ckpts/*.safetensors --last 3 -o last3.safetensors\n"
         "  polyak average a.pt b.pt c.pt --weights 0.2,0.3,0.5 -o weighted.pt",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoints", nargs="+", type=Path, metavar="CKPT", help=".pt/.pth/.ckpt or .safetensors files")
-    p.add_argument("--out", "-o", required=True, type=Path, help="output file (.safetensors, or .pt)")
+    p.add_argument(
+        "checkpoints", nargs="+", type=Path, metavar="CKPT", help="two or more .pt/.pth/.ckpt or .safetensors files"
+    )
+    p.add_argument(
+        "--out", "-o", required=True, type=Path, help="output: .safetensors, or .pt, .pth, .ckpt, .bin (torch.save)"
+    )
     p.add_argument(
         "--weights",
         metavar="W1,W2,...",
@@ -53,6 +58,14 @@ def register(sub: Any) -> None:
         "or by modification time",
     )
     p.add_argument("--key", help="take the weights from this top-level key of every .pt file")
+    p.add_argument(
+        "--buffers",
+        choices=("average", "last"),
+        default="average",
+        help="BatchNorm statistics (running_mean, running_var): average them like the weights (default), or "
+        "take them from the last checkpoint; either way they do not fit the averaged weights: recompute them "
+        "with polyak.update_bn after loading",
+    )
     add_io_options(p)
     p.set_defaults(run=run)
 
@@ -66,7 +79,8 @@ def _natural_key(path: Path) -> list[Any]:
 
 def select(paths: Sequence[Path], last: int | None, sort: str) -> list[Path]:
     """The files to average: all of them in the order given, or the last ``last`` in ``sort``
-    order (``"name"``: natural order of the file names; ``"mtime"``: modification time)."""
+    order (``"name"``: natural order of the file names; ``"mtime"``: modification time). One
+    file is refused: its average is itself."""
     from .options import CLIError
 
     for p in paths:
@@ -74,14 +88,19 @@ def select(paths: Sequence[Path], last: int | None, sort: str) -> list[Path]:
             raise CLIError(f"{p}: no such file")
     if len(set(map(str, paths))) != len(paths):
         raise CLIError("a file is given twice")
-    if last is None:
-        return list(paths)
-    if last < 1:
-        raise CLIError(f"--last must be >= 1, got {last}")
-    if last > len(paths):
-        raise CLIError(f"--last {last} but only {len(paths)} files are given")
-    key = _natural_key if sort == "name" else (lambda p: (p.stat().st_mtime_ns, _natural_key(p)))
-    return sorted(paths, key=key)[-last:]
+    if last is not None:
+        if last < 1:
+            raise CLIError(f"--last must be >= 1, got {last}")
+        if last > len(paths):
+            raise CLIError(f"--last {last} but only {len(paths)} files are given")
+        key = _natural_key if sort == "name" else (lambda p: (p.stat().st_mtime_ns, _natural_key(p)))
+        paths = sorted(paths, key=key)[-last:]
+    if len(paths) == 1:
+        raise CLIError(
+            f"averaging one file ({paths[0]}) changes nothing: give two or more; to write one checkpoint's "
+            "weights as a plain state dict use 'polyak export' (or 'polyak convert' for another library's average)"
+        )
+    return list(paths)
 
 
 def parse_weights(text: str | None, n: int) -> list[float]:
@@ -172,6 +191,15 @@ def _check_layouts(sources: Sequence[Source], layouts: Sequence[dict[str, Any]])
                 raise CLIError(f"tensor {k!r} is {dtype} in {first.path} but {other_dtype} in {src.path}")
 
 
+#: The names (last component) of BatchNorm's running statistics: ``--buffers``.
+BN_STATISTICS = ("running_mean", "running_var")
+
+
+def is_bn_statistic(name: str) -> bool:
+    """Whether ``name`` is a BatchNorm running statistic (``bn.running_mean``, ``bn.running_var``)."""
+    return name.rsplit(".", 1)[-1] in BN_STATISTICS
+
+
 def _wide(t: Tensor) -> Tensor:
     """A float64 (complex128) copy: never the input itself, which may be a read-only mapping."""
     return t.to(torch.complex128 if t.is_complex() else torch.float64, copy=True)
@@ -190,9 +218,15 @@ class Averager:
     pressure. A legacy (non-zip) ``.pt`` input cannot be mapped: then the files are read one
     at a time, each whole, into float64 accumulators for every floating tensor (about twice
     the output for float32 weights, plus one input file).
+
+    Integer and bool tensors come from the last input, and so do the BatchNorm statistics
+    (``running_mean``, ``running_var``) with ``buffers="last"``; ``buffers="average"`` averages
+    them like the weights.
     """
 
-    def __init__(self, paths: Sequence[Path], weights: Sequence[float], args: argparse.Namespace) -> None:
+    def __init__(
+        self, paths: Sequence[Path], weights: Sequence[float], args: argparse.Namespace, *, buffers: str = "average"
+    ) -> None:
         self.weights = list(weights)
         self.args = args
         self.sources = [Source(p, args) for p in paths]
@@ -207,6 +241,12 @@ class Averager:
         #: name -> (shape, dtype) of the output: the dtypes of the last input
         self.layout = {k: layouts[-1][k] for k in self.keys}
         self.streaming = all(s.lazy for s in self.sources)
+        #: the floating BatchNorm statistics: averaged (``buffers="average"``) or from the last file
+        self.statistics = [k for k in self.keys if is_bn_statistic(k) and is_averaged(self.layout[k][1])]
+        #: the names taken from the last file rather than averaged
+        self.from_last = {k for k in self.keys if not is_averaged(self.layout[k][1])}
+        if buffers == "last":
+            self.from_last.update(self.statistics)
 
     @property
     def wheres(self) -> list[str]:
@@ -226,13 +266,17 @@ class Averager:
         # Two float64 buffers of the largest averaged tensor, reused for every tensor: no
         # allocation of accumulator size per tensor (which fragments the heap), and the same
         # numbers as summing fresh float64 copies.
-        sizes = [math.prod(shape) for shape, dtype in self.layout.values() if dtype.is_floating_point]
+        sizes = [
+            math.prod(shape)
+            for k, (shape, dtype) in self.layout.items()
+            if dtype.is_floating_point and k not in self.from_last
+        ]
         acc_buf = torch.empty(max(sizes, default=0), dtype=torch.float64)
         tmp_buf = torch.empty_like(acc_buf)
         last = self.sources[-1]
         for k in self.keys:
             shape, dtype = self.layout[k]
-            if not is_averaged(dtype):
+            if k in self.from_last:
                 yield k, last.get(k).clone()
                 continue
             if dtype.is_complex:
@@ -264,7 +308,7 @@ class Averager:
                 src.open()
             for k in self.keys:
                 t = src.get(k)
-                if is_averaged(self.layout[k][1]):
+                if k not in self.from_last:
                     if k in accs:
                         accs[k].add_(_wide(t), alpha=w)
                     else:
@@ -279,12 +323,13 @@ class Averager:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..files import check_output, save_weights
+    from ..files import save_weights
     from .console import human_bytes, progress, say
+    from .options import output_path
 
     paths = select(args.checkpoints, args.last, args.sort)
     weights = parse_weights(args.weights, len(paths))
-    out = check_output(args.out, paths)
+    out = output_path(args.out, paths)
     if args.last is not None:
         order = "file name (numbers as numbers)" if args.sort == "name" else "modification time"
         say(args, f"averaging the last {len(paths)} of {len(args.checkpoints)} files by {order}:")
@@ -292,14 +337,30 @@ def run(args: argparse.Namespace) -> int:
         say(args, f"averaging {len(paths)} files:")
     for p, w in zip(paths, weights, strict=True):
         say(args, f"  {w:.6g}  {p}")
-    averager = Averager(paths, weights, args)
+    averager = Averager(paths, weights, args, buffers=args.buffers)
     metadata = {
         "format": "polyak-average",
         "method": "uniform" if args.weights is None else "weighted",
         "inputs": json.dumps([p.name for p in paths]),
         "weights": json.dumps(weights),
         "taken_from": json.dumps(sorted(set(averager.wheres))),
+        "buffers": args.buffers,
     }
+    n = len(averager.statistics)
+    if n:
+        what = f"{n} BatchNorm statistics tensor{'' if n == 1 else 's'} (running_mean, running_var)"
+        if args.buffers == "average":
+            note = (
+                f"averaged {what} like the weights; averaged statistics do not fit averaged weights: "
+                "recompute them after loading with polyak.update_bn(loader, model) "
+                "(--buffers last takes them from the last checkpoint instead)"
+            )
+        else:
+            note = (
+                f"took {what} from the last checkpoint, {paths[-1].name}; they were measured with its weights, "
+                "not the averaged ones: recompute them after loading with polyak.update_bn(loader, model)"
+            )
+        say(args, f"note: {note}")
     tensors = progress(args, averager, desc="averaging", total=len(averager.keys))
     save_weights(out, tensors, metadata, layout=averager.layout)
     size = sum(math.prod(shape) * dtype.itemsize for shape, dtype in averager.layout.values())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +32,14 @@ def register(sub: Any) -> None:
         epilog="examples:\n  polyak convert work_dirs/iter_1000.pth -o iter_1000.polyak.pt        # mmengine\n"
         "  polyak convert ema_state.pt --names-from model.pt -o ema.polyak.pt   # torch_ema, diffusers\n"
         "  polyak convert model_best.pth.tar -o best.polyak.pt --decay 0.9998    # timm (decay not saved)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", type=Path, metavar="CKPT", help="the other library's checkpoint")
-    p.add_argument("--out", "-o", required=True, type=Path, help="output file (.pt, .pth or .ckpt)")
-    p.add_argument("--name", default="ema", help="the average's name in the polyak block (default: ema)")
+    p.add_argument("--out", "-o", required=True, type=Path, help="output file: .pt, .pth or .ckpt (torch.save)")
+    p.add_argument(
+        "--name",
+        help="the average's name in the polyak block (default: what the file holds: 'ema' for a format known to "
+        "hold an EMA or given --decay, 'swa' for an SWA, else 'average')",
+    )
     p.add_argument(
         "--class",
         dest="cls",
@@ -44,7 +49,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--decay",
         type=float,
-        help="record a constant decay (ConstantMomentum) where the file does not say its schedule",
+        help="record a constant decay (ConstantMomentum(decay=D), stored as given) where the file does not say "
+        "its schedule",
     )
     p.add_argument("--steps", type=int, help="record this update count where the file does not say it")
     add_source_options(p)
@@ -54,26 +60,36 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import checkpoint as ckpt
-    from ..files import check_output, save_checkpoint
+    from ..files import save_checkpoint
     from ..schedules import ConstantMomentum
-    from .console import human_bytes, progress, say
-    from .options import CLIError, find_average
+    from .console import describe_average, human_bytes, progress, say
+    from .options import CHECKPOINT_SUFFIXES, CLIError, find_average, output_path
 
-    out = check_output(args.out, [args.checkpoint] + ([args.names_from] if args.names_from else []))
-    if out.suffix == ".safetensors":
-        raise CLIError("a polyak training checkpoint holds more than tensors: write it as .pt, .pth or .ckpt")
+    inputs = [args.checkpoint] + ([args.names_from] if args.names_from else [])
+    out = output_path(args.out, inputs, suffixes=CHECKPOINT_SUFFIXES)
     _, found = find_average(args, args.checkpoint)
     if found.format == "polyak":
         raise CLIError(f"{args.checkpoint} is already in polyak's format (use 'polyak export' for plain weights)")
     record = dict(found.record)
+    name = args.name or found.primary
     if args.cls:
         record["class"] = args.cls
+    if not record.get("class"):
+        raise CLIError(
+            f"{args.checkpoint} ({found.format}) holds {describe_average(record, found.primary)}, with no "
+            "averaging state to resume: --class names the polyak class to record"
+        )
     if args.decay is not None:
         if not (0.0 <= args.decay < 1.0 and math.isfinite(args.decay)):
             raise CLIError(f"--decay must be in [0, 1), got {args.decay}")
         if record.get("schedule") is not None:
-            say(args, f"note: --decay replaces the schedule read from the file, {record['schedule']}")
-        record["schedule"] = ConstantMomentum(decay=args.decay).to_dict()
+            say(args, f"note: --decay replaces the schedule read from the file, {json.dumps(record['schedule'])}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            record["schedule"] = ConstantMomentum(decay=args.decay).to_dict()
+        for w in caught:
+            say(args, f"note: --decay: {w.message}")
+        name = args.name or "ema"
     if args.steps is not None:
         if args.steps < 0:
             raise CLIError(f"--steps must be >= 0, got {args.steps}")
@@ -87,17 +103,18 @@ def run(args: argparse.Namespace) -> int:
         "notes": list(found.notes),
     }
     weights = {k: v for k, v in progress(args, list(found.weights.items()), desc="converting") if isinstance(v, Tensor)}
-    checkpoint = ckpt.pack_state({}, weights, {args.name: record}, live=found.live)
+    checkpoint = ckpt.pack_state({}, weights, {name: record}, live=found.live)
     save_checkpoint(out, checkpoint)
     size = sum(t.numel() * t.element_size() for t in weights.values())
     if found.live is None:
         say(args, "note: the file holds no live weights: the output has no live_state_dict")
     if record.get("steps") is None:
         say(args, "note: the update count is unknown (--steps gives it): a resume would restart the average")
+    schedule = json.dumps(record["schedule"]) if record.get("schedule") is not None else "unknown"
+    steps = record["steps"] if record.get("steps") is not None else "unknown"
     say(
         args,
-        f"wrote {out}: {found.format} average {args.name!r} as {record['class']} "
-        f"({len(weights)} tensors, {human_bytes(size)}), schedule {record.get('schedule')}, "
-        f"steps {record.get('steps')}",
+        f"wrote {out}: {found.format} average {name!r}, {describe_average(record, name)}, as {record['class']} "
+        f"({len(weights)} tensors, {human_bytes(size)}), schedule {schedule}, steps {steps}",
     )
     return 0

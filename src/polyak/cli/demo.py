@@ -12,10 +12,10 @@ numbers, curves) to ``--out`` and prints a table of the final test accuracy and 
 docs/demo.md explains the settings and the numbers.
 
 The split and which training labels are wrong are fixed (``DATA_SEED``), so every run is
-measured on the same test images; ``--seed`` decides the initialisation, the batch order
-and the augmentation. With the default single thread a run is deterministic. Needs the
-``demo`` extra (``pip install 'polyak[demo]'``: scikit-learn and matplotlib); nothing is
-downloaded.
+measured on the same test images; ``--seed`` decides the initialisation and the batch
+order (there is no data augmentation). With the default single thread a run is
+deterministic. Needs the ``demo`` extra (``pip install 'polyak[demo]'``: scikit-learn and
+matplotlib); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -71,7 +71,11 @@ def register(sub: Any) -> None:
         ),
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the initialisation, batch order and augmentation (default 0)"
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the initialisation and the batch order (default 0); the data split and the wrong labels "
+        f"are fixed (seed {DATA_SEED})",
     )
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps (default {DEFAULTS['steps']})")
     p.add_argument("--lr", type=float, default=None, help=f"constant SGD learning rate (default {DEFAULTS['lr']})")

@@ -31,10 +31,11 @@ def register(sub: Any) -> None:
         epilog="examples:\n  polyak export epoch_12.pth -o ema.safetensors\n"
         "  polyak export last.ckpt -o ema.pt --dtype bfloat16\n"
         "  polyak export run.pt --key ema --names-from model.pt -o ema.safetensors   # torch_ema state",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a training checkpoint holding an average")
-    p.add_argument("--out", "-o", required=True, type=Path, help="output file (.safetensors, or .pt)")
+    p.add_argument(
+        "--out", "-o", required=True, type=Path, help="output: .safetensors, or .pt, .pth, .ckpt, .bin (torch.save)"
+    )
     p.add_argument(
         "--average",
         metavar="NAME",
@@ -48,19 +49,23 @@ def register(sub: Any) -> None:
 
 def export_metadata(record: dict[str, Any], *, name: str, fmt: str, source: Path) -> dict[str, str]:
     """The labels of an exported average (strings, for safetensors): ``averaged``,
-    ``method``, ``class``, ``schedule`` (JSON), ``decay`` / ``momentum`` / ``sigma_rel`` /
-    ``gamma`` where the schedule says, ``step``, ``average``, ``source_format``, ``source``."""
-    from .console import schedule_summary
+    ``method``, ``class``, ``schedule`` (JSON), ``decay`` / ``momentum`` / ``half_life`` /
+    ``sigma_rel`` / ``gamma`` where the schedule says (the given one as given, the others derived
+    from it), ``description`` (:func:`~polyak.cli.console.describe_average`), ``step``,
+    ``average``, ``source_format``, ``source``."""
+    from .console import describe_average, schedule_summary
 
     meta: dict[str, str] = {"format": "polyak-export", "averaged": "true", "average": name}
     summary = schedule_summary(record.get("schedule"))
-    meta["method"] = str(summary.get("method") or record.get("class") or "unknown")
-    meta["class"] = str(record.get("class"))
+    meta["method"] = str(record.get("method") or summary.get("method") or record.get("class") or "unknown")
+    if record.get("class"):
+        meta["class"] = str(record["class"])
     if record.get("schedule") is not None:
         meta["schedule"] = json.dumps(record["schedule"], sort_keys=True)
-    for k in ("decay", "momentum", "sigma_rel", "gamma"):
+    for k in ("decay", "momentum", "half_life", "sigma_rel", "gamma"):
         if k in summary:
             meta[k] = repr(float(summary[k]))
+    meta["description"] = describe_average(record, name)
     if record.get("steps") is not None:
         meta["step"] = str(int(record["steps"]))
     meta["source_format"] = fmt
@@ -70,11 +75,11 @@ def export_metadata(record: dict[str, Any], *, name: str, fmt: str, source: Path
 
 def run(args: argparse.Namespace) -> int:
     from .. import checkpoint as ckpt
-    from ..files import check_output, save_weights
+    from ..files import save_weights
     from .console import human_bytes, progress, say
-    from .options import CLIError, find_average
+    from .options import CLIError, find_average, output_path
 
-    out = check_output(args.out, [args.checkpoint] + ([args.names_from] if args.names_from else []))
+    out = output_path(args.out, [args.checkpoint] + ([args.names_from] if args.names_from else []))
     loaded, found = find_average(args, args.checkpoint)
     name = found.primary
     weights: dict[str, Any] = found.weights
@@ -97,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
     metadata = export_metadata(found.records[name], name=name, fmt=found.format, source=args.checkpoint)
     save_weights(out, state, metadata)
     size = sum(t.numel() * t.element_size() for t in state.values())
-    label = ", ".join(f"{k}={metadata[k]}" for k in ("method", "decay", "sigma_rel", "step") if k in metadata)
-    say(args, f"wrote {len(state)} tensors ({human_bytes(size)}) of the {found.format} average ({label}) to {out}")
+    step = f", step {metadata['step']}" if "step" in metadata else ""
+    say(
+        args,
+        f"wrote {len(state)} tensors ({human_bytes(size)}) of {found.format} average {name!r} "
+        f"({metadata['description']}{step}) to {out}",
+    )
     return 0

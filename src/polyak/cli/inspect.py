@@ -24,11 +24,11 @@ def register(sub: Any) -> None:
         help="show what a checkpoint holds: format, tensors, sizes, dtypes, keys, averaging state",
         description=(
             "Show the detected format, the number of tensors and their total size, the dtypes, the "
-            "top-level keys, and for each average the class, schedule and step count where the file "
-            "says them. Tensor data is not read (safetensors headers; .pt files are memory-mapped)."
+            "top-level keys, and for each average what it is in one line (an EMA and its decay, an SWA, "
+            "an average of checkpoints, a post-hoc synthesis, ...) with the class, schedule and step count "
+            "where the file says them. Tensor data is not read (safetensors headers; .pt files are memory-mapped)."
         ),
         epilog="examples:\n  polyak inspect work_dirs/iter_1000.pth\n  polyak inspect ema.safetensors --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a .pt/.pth/.ckpt or .safetensors file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -54,11 +54,12 @@ def _describe_value(v: Any) -> str:
 
 
 def _average_info(found: Any) -> dict[str, Any]:
-    from .console import schedule_summary
+    from .console import describe_average, schedule_summary
 
     averages = {}
     for name, rec in found.records.items():
         averages[name] = {
+            "description": describe_average(rec, name),
             "class": rec.get("class"),
             "schedule": rec.get("schedule"),
             **{k: v for k, v in schedule_summary(rec.get("schedule")).items() if k != "schedule"},
@@ -119,7 +120,7 @@ def describe(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 
 
 def _text(info: dict[str, Any]) -> str:
-    from .console import human_bytes
+    from .console import human_bytes, schedule_numbers
 
     lines = [f"file:       {info['file']} ({human_bytes(info['file_bytes'])})"]
     read_with = {
@@ -149,13 +150,18 @@ def _text(info: dict[str, Any]) -> str:
         count = f"{a['tensors']} tensors" if a["tensors"] is not None else "tensors by position"
         lines.append(f"average ({a['format']}{where}): {count}, {live}")
         for name, r in a["averages"].items():
-            sched = json.dumps(r["schedule"]) if r["schedule"] is not None else "unknown"
-            numbers = ", ".join(f"{k} {r[k]:.6g}" for k in ("decay", "sigma_rel") if r.get(k) is not None)
-            lines.append(
-                f"  {name}{' (primary)' if r['primary'] else ''}: class {r['class']}, schedule {sched}"
-                + (f" [{numbers}]" if numbers else "")
-                + f", steps {r['steps'] if r['steps'] is not None else 'unknown'}"
-            )
+            lines.append(f"  {name}{' (primary)' if r['primary'] else ''}: {r['description']}")
+            details = []  # of an averaging state: none for an average of checkpoints (no class, no schedule)
+            if r["class"] or r["schedule"] is not None:
+                sched = json.dumps(r["schedule"]) if r["schedule"] is not None else "unknown"
+                numbers = schedule_numbers(r)
+                details += [f"class {r['class']}"] if r["class"] else []
+                details.append(f"schedule {sched}" + (f" [{numbers}]" if numbers else ""))
+                details.append(f"steps {r['steps'] if r['steps'] is not None else 'unknown'}")
+            elif r["steps"] is not None:
+                details.append(f"steps {r['steps']}")
+            if details:
+                lines.append("    " + ", ".join(details))
         if a["needs"]:
             lines.append(f"  note: {a['needs']}")
         lines += [f"  note: {n}" for n in a["notes"]]

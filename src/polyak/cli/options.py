@@ -13,13 +13,52 @@ from ..files import load, model_state_dict
 from .console import say
 from .formats import FORMATS, detect
 
-__all__ = ["CLIError", "UNSAFE_WARNING", "add_io_options", "add_source_options", "read", "find_average"]
+__all__ = [
+    "CLIError",
+    "UNSAFE_WARNING",
+    "WEIGHT_SUFFIXES",
+    "CHECKPOINT_SUFFIXES",
+    "add_io_options",
+    "add_source_options",
+    "output_path",
+    "read",
+    "find_average",
+]
 
 UNSAFE_WARNING = "warning: --unsafe: unpickling {path} runs whatever code it asks for; use it only on files you trust"
 
 
+#: The extensions of a weights output (``average``, ``export``, ``posthoc``), which say its
+#: format: safetensors, else ``torch.save``.
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+#: The extensions of a training checkpoint output (``convert``): ``torch.save`` only.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
 class CLIError(Exception):
     """An error in the command's input, reported as one line."""
+
+
+def output_path(out: Path, inputs: list[Path], *, suffixes: tuple[str, ...] = WEIGHT_SUFFIXES) -> Path:
+    """``-o OUT``, refused when it is one of ``inputs`` or a directory
+    (:func:`polyak.files.check_output`), or when its extension is not one of ``suffixes``: the
+    extension says the output's format (``.safetensors``: safetensors; ``.pt``, ``.pth``,
+    ``.ckpt``, ``.bin``: ``torch.save``)."""
+    from ..files import check_output
+
+    out = check_output(out, inputs)
+    if out.suffix not in suffixes:
+        given = f"its extension is {out.suffix}" if out.suffix else "it has no extension"
+        if suffixes == CHECKPOINT_SUFFIXES:
+            raise CLIError(
+                f"-o {out}: {given}; a polyak training checkpoint holds more than tensors: "
+                "write it as .pt, .pth or .ckpt (torch.save)"
+            )
+        raise CLIError(
+            f"-o {out}: {given}, which says no format: name it .safetensors (safetensors) "
+            "or .pt, .pth, .ckpt, .bin (torch.save)"
+        )
+    return out
 
 
 def add_io_options(p: argparse.ArgumentParser, *, unsafe: bool = True) -> None:
@@ -38,7 +77,12 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     """Options that say where the average is in a file: ``--key``, ``--format``,
     ``--names-from``, ``--buffer-names``."""
     p.add_argument("--key", help="look for the average only under this top-level key of the file")
-    p.add_argument("--format", choices=FORMATS.names(), help="read the file as this format (default: detect it)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS.names(),
+        metavar="FORMAT",
+        help=f"read the file as this format, one of {', '.join(FORMATS.names())} (default: detect it)",
+    )
     p.add_argument(
         "--names-from",
         type=Path,

@@ -16,7 +16,8 @@ def register(sub: Any) -> None:
         help="synthesize the average for any sigma_rel from PostHocEMA snapshots",
         description=(
             "Solve EDM2's least-squares problem for the snapshots taken at or before --at-step "
-            "(default: the latest) and write the combined average as a state dict the model loads."
+            "(default: the latest) and write the combined average as a state dict the model loads. "
+            "The output's extension says its format: .safetensors, or .pt, .pth, .ckpt, .bin (torch.save)."
         ),
     )
     p.add_argument("--snapshots", required=True, type=Path, help="directory of {profile}-{step:09d}.safetensors files")
@@ -24,7 +25,9 @@ def register(sub: Any) -> None:
     target.add_argument("--sigma-rel", type=float, help="relative width of the wanted average (e.g. 0.07)")
     target.add_argument("--gamma", type=float, help="exponent of the wanted power function instead of --sigma-rel")
     p.add_argument("--at-step", type=int, default=None, help="the step to synthesize at (default: the latest)")
-    p.add_argument("--out", "-o", required=True, type=Path, help="output file (.safetensors, or .pt)")
+    p.add_argument(
+        "--out", "-o", required=True, type=Path, help="output: .safetensors, or .pt, .pth, .ckpt, .bin (torch.save)"
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
     p.set_defaults(run=run)
 
@@ -32,9 +35,15 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..posthoc import plan_synthesis, synthesize
+    from ..posthoc import find_snapshots, plan_synthesis, synthesize
+    from .options import CLIError, output_path
 
-    plan = plan_synthesis(args.snapshots, args.sigma_rel, gamma=args.gamma, at_step=args.at_step)
+    output_path(args.out, [])  # the extension, before any snapshot is read
+    snapshots = find_snapshots(args.snapshots)
+    if not snapshots:
+        raise CLIError(f"no snapshots found in {args.snapshots} (files named {{profile}}-{{step:09d}}.safetensors)")
+    output_path(args.out, [s.path for s in snapshots])  # never onto a snapshot
+    plan = plan_synthesis(snapshots, args.sigma_rel, gamma=args.gamma, at_step=args.at_step)
     if not args.quiet:
         print(plan.summary(), file=sys.stderr)
 

@@ -36,7 +36,8 @@ def read_torch_averaged(obj: Any, ctx: Context) -> Found | None:
     notes = ["AveragedModel does not save avg_fn: the schedule is unknown"]
     if live is not None:
         notes.append(f"live weights taken from {where!r} beside it")
-    return Found("torch-averaged-model", "", merge_into(live, averaged), live, {"ema": rec}, "ema", notes)
+    # avg_fn is not saved: an equal average (torch's default) or an EMA, nobody can tell
+    return Found("torch-averaged-model", "", merge_into(live, averaged), live, {"average": rec}, "average", notes)
 
 
 def read_lightning(obj: Any, ctx: Context) -> Found | None:
@@ -50,9 +51,12 @@ def read_lightning(obj: Any, ctx: Context) -> Found | None:
     callbacks = obj.get("callbacks") if isinstance(obj.get("callbacks"), Mapping) else {}
     names = [str(k) for k in callbacks]
     notes = []
+    name = "average"  # a WeightAveraging with its own avg_fn, or callbacks not saved
     if any(k.startswith("EMAWeightAveraging") for k in names):
+        name = "ema"
         notes.append("Lightning's EMAWeightAveraging does not save its decay: the schedule is unknown")
     elif any(k.startswith("StochasticWeightAveraging") or k == "WeightAveraging" for k in names):
+        name = "swa" if any(k.startswith("StochasticWeightAveraging") for k in names) else name
         notes.append("WeightAveraging does not save its avg_fn: the schedule is unknown")
     rec = make_record(
         "AveragedModel",
@@ -64,7 +68,7 @@ def read_lightning(obj: Any, ctx: Context) -> Found | None:
         callbacks=names,
     )
     live = tensors_only(obj["current_model_state"])
-    return Found("lightning", "", tensors_only(obj["state_dict"]), live, {"ema": rec}, "ema", notes)
+    return Found("lightning", "", tensors_only(obj["state_dict"]), live, {name: rec}, name, notes)
 
 
 def read_timm(obj: Any, ctx: Context) -> Found | None:

@@ -87,6 +87,13 @@ def _openmmlab_record(cfg: Mapping[str, Any] | None, steps: int | None, fmt: str
     )
 
 
+def _kind_of(cls: str) -> str:
+    """The name of an ``EMAHook``'s average by its ``ema_type``: ``ema``, ``swa``, else ``average``."""
+    if cls == "ExponentialMovingAverage" or cls.endswith("EMA"):
+        return "ema"
+    return "swa" if cls == "StochasticWeightAverage" else "average"
+
+
 def read_mmengine(obj: Any, ctx: Context) -> Found | None:
     if not (isinstance(obj, Mapping) and isinstance(obj.get("ema_state_dict"), Mapping)):
         return None
@@ -106,7 +113,8 @@ def read_mmengine(obj: Any, ctx: Context) -> Found | None:
     cfg = _hook_config(_config_text(obj), ("EMAHook", "PolyakEMAHook"))
     rec = _openmmlab_record(cfg, steps, "mmengine")
     notes = [] if cfg else ["no EMAHook settings in meta.cfg: the schedule is unknown"]
-    return Found("mmengine", "", state, live, {"ema": rec}, "ema", notes)
+    name = _kind_of(rec["class"])
+    return Found("mmengine", "", state, live, {name: rec}, name, notes)
 
 
 def read_mmcv(obj: Any, ctx: Context) -> Found | None:
@@ -175,4 +183,4 @@ def read_averaged_model(obj: Any, ctx: Context) -> Found | None:
     notes = ["a BaseAveragedModel state dict does not name its class: ExponentialMovingAverage assumed (--class)"]
     if live is not None:
         notes.append(f"live weights taken from {where!r} beside it")
-    return Found("averaged-model", "", merge_into(live, averaged), live, {"ema": rec}, "ema", notes)
+    return Found("averaged-model", "", merge_into(live, averaged), live, {"average": rec}, "average", notes)

@@ -45,7 +45,28 @@ def read_checkpoint(obj: Any, ctx: Context) -> Found | None:
     return Found("polyak", "", tensors_only(weights), live, records, primary, notes)
 
 
+#: The files polyak writes with string metadata, by their ``format``: what each holds.
+EXPORTS = {
+    "polyak-export": "an average exported by polyak export",
+    "polyak-average": "an average of checkpoints written by polyak average",
+    "polyak-posthoc-synthesis": "a post-hoc EMA synthesized by polyak posthoc",
+    "polyak-posthoc": "a PostHocEMA snapshot",
+}
+
+
+def _kind(method: str) -> str:
+    """The name of an exported average by its ``method``: ``ema``, ``swa``, else ``average``."""
+    if method in ("ema", "power-function-ema", "posthoc-ema"):
+        return "ema"
+    return "swa" if method == "swa" else "average"
+
+
 def read_export(obj: Any, ctx: Context) -> Found | None:
+    """Weights polyak wrote with its metadata (:data:`EXPORTS`); the :class:`Found`'s format
+    is the file's own (``polyak-average`` for ``polyak average``'s output), and its record
+    says what the file holds: the method and the number of inputs of an average of
+    checkpoints, the power function of a post-hoc synthesis or snapshot, or the exported
+    average's class and schedule under the name it had."""
     meta = ctx.metadata if ctx.metadata is not None else None
     weights = obj
     if meta is None and isinstance(obj, Mapping) and set(obj) == {"state_dict", "metadata"}:
@@ -55,14 +76,29 @@ def read_export(obj: Any, ctx: Context) -> Found | None:
     if not is_state_dict(weights):
         return None
     meta = {str(k): str(v) for k, v in meta.items()}
-    rec: dict[str, Any] = {"class": meta.get("class") or meta.get("method") or "unknown"}
+    fmt = meta["format"] if meta["format"] in EXPORTS else "polyak-export"
+    rec: dict[str, Any] = {"class": None, "schedule": None}
+    if fmt == "polyak-average":
+        rec["method"] = meta.get("method") or "uniform"
+        with contextlib.suppress(ValueError, TypeError):
+            rec["inputs"] = len(json.loads(meta.get("inputs", "")))
+        name = "average"
+    elif fmt in ("polyak-posthoc-synthesis", "polyak-posthoc"):
+        rec["method"] = "posthoc-ema" if fmt == "polyak-posthoc-synthesis" else "posthoc-snapshot"
+        name = "ema"
+    else:
+        if meta.get("class") not in (None, "", "None"):
+            rec["class"] = meta["class"]
+        if meta.get("method") in ("uniform", "weighted", "posthoc-ema", "posthoc-snapshot"):
+            rec["method"] = meta["method"]  # an export of an average of checkpoints, or of a synthesis
+        name = meta.get("average") or _kind(meta.get("method", ""))
     if meta.get("schedule"):
         with contextlib.suppress(ValueError):
             rec["schedule"] = json.loads(meta["schedule"])
-    elif meta.get("gamma"):  # a post-hoc synthesis: the power function it stands for
+    elif meta.get("gamma"):  # a post-hoc synthesis or snapshot: the power function it stands for
         with contextlib.suppress(ValueError):
             rec["schedule"] = {"type": "PowerFunction", "args": {"gamma": float(meta["gamma"])}}
     if meta.get("step", "").isdigit():
         rec["steps"] = int(meta["step"])
-    rec["source"] = {"format": "polyak-export", "metadata": meta}
-    return Found("polyak-export", "", dict(weights), None, {"ema": rec}, "ema", metadata=meta)
+    rec["source"] = {"format": fmt, "metadata": meta}
+    return Found(fmt, "", dict(weights), None, {name: rec}, name, metadata=meta)
