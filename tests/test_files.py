@@ -240,3 +240,25 @@ def test_sigkill_in_the_middle_of_writes_never_damages_the_file(tmp_path: Path, 
         w = files.load(path).obj
         w = w["state_dict"]["w"] if suffix == ".pt" else w["w"]
         assert torch.all(w == w[0])  # one whole write, never half of two
+
+
+def test_a_folder_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    """atomic_directory (what polyak.distributed.save writes a DCP checkpoint through): an error
+    in the block leaves the old folder as it was and no temporary folder; a completed block
+    replaces it whole."""
+    target = tmp_path / "ckpt"
+    with files.atomic_directory(target) as folder:
+        (folder / "a.distcp").write_bytes(b"old")
+        (folder / ".metadata").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), files.atomic_directory(target) as folder:
+        (folder / "a.distcp").write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert (target / "a.distcp").read_bytes() == b"old"
+    with files.atomic_directory(target) as folder:
+        (folder / "b.distcp").write_bytes(b"new")
+    assert sorted(p.name for p in target.iterdir()) == ["b.distcp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(FormatError, match="exists and is not a folder"):
+        files.atomic_directory(tmp_path / "file").__enter__()

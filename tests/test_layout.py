@@ -195,3 +195,67 @@ def test_every_module_says_what_it_holds(module: str) -> None:
     path, _ = MODULES[module]
     doc = ast.get_docstring(ast.parse(path.read_text()))
     assert doc, f"{module} has no module docstring"
+
+
+def _is_write(node: ast.Call) -> bool:
+    """Whether a call writes or renames a file: ``torch.save``, ``dcp.save``, ``save_file``,
+    ``.write_text``, ``.write_bytes``, ``.savefig``, ``os.replace``, ``os.rename``,
+    ``open(..., "w...")``."""
+    func = node.func
+    if isinstance(func, ast.Attribute):
+        owner = getattr(func.value, "id", "")
+        if func.attr == "save" and owner in ("torch", "dcp"):
+            return True
+        if func.attr in ("write_text", "write_bytes", "savefig"):
+            return True
+        return func.attr in ("replace", "rename") and owner == "os"
+    if isinstance(func, ast.Name):
+        if func.id == "save_file":
+            return True
+        if func.id == "open" and len(node.args) > 1:
+            mode = node.args[1]
+            return isinstance(mode, ast.Constant) and isinstance(mode.value, str) and "w" in mode.value
+    return False
+
+
+def _writes_outside_the_atomic_writer() -> list[str]:
+    """Calls that write or rename a file outside ``polyak.files``, except inside an
+    ``atomic_write(...)`` or ``atomic_directory(...)`` call: where each such call sits."""
+    found = []
+    for module, (path, _) in MODULES.items():
+        if module == "polyak.files" or module.startswith("polyak.files."):
+            continue
+        tree = ast.parse(path.read_text())
+        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call) or not _is_write(node):
+                continue
+            above = _ancestors(node, parents)
+            if any(_calls(p, ("atomic_write", "atomic_directory")) for p in above):
+                continue
+            function = next((p.name for p in above if isinstance(p, (ast.FunctionDef, ast.AsyncFunctionDef))), "")
+            found.append(f"{module}.{function}")
+    return sorted(set(found))
+
+
+def _calls(node: ast.AST, names: tuple[str, ...]) -> bool:
+    if isinstance(node, ast.Call):
+        func = node.func
+        return str(getattr(func, "attr", getattr(func, "id", ""))).endswith(names)
+    if isinstance(node, (ast.With, ast.AsyncWith)):
+        return any(_calls(item.context_expr, names) for item in node.items)
+    return False
+
+
+def _ancestors(node: ast.AST, parents: dict) -> list[ast.AST]:
+    out = []
+    while node in parents:
+        node = parents[node]
+        out.append(node)
+    return out
+
+
+def test_every_file_polyak_writes_goes_through_the_atomic_writer() -> None:
+    """The only write outside polyak.files that is not inside an ``atomic_write(...)`` call is the
+    demo's PNG encoder, which ``atomic_write`` calls on its temporary file."""
+    assert _writes_outside_the_atomic_writer() == ["polyak.cli.demo._save_png"]

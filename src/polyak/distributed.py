@@ -18,15 +18,17 @@ file the unsharded model loads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .files import atomic_write, torch_save, write_safetensors
+from .files import AtomicDirectory, atomic_write, torch_save, write_safetensors
 from .tensors import is_averaged, is_dtensor
 
 __all__ = ["all_reduce_buffers", "save", "load", "export_full", "iter_full_state"]
@@ -65,16 +67,45 @@ def save(
     """Save ``average.state_dict()`` with ``torch.distributed.checkpoint`` (a collective).
 
     Keys are those of the unsharded average (``steps``, ``module.<name>``); each rank writes
-    its own shards. Plain tensors are written once, from one rank: with ``reduce_buffers`` the
-    floating buffers are first averaged over the ranks (:func:`all_reduce_buffers`), so what
-    is saved does not depend on which rank writes them. ``kwargs`` go to
+    its own shards. The folder appears whole or not at all: the ranks write into a temporary
+    folder beside it, which replaces ``checkpoint_id`` once every rank is done (an interrupted
+    save leaves the previous checkpoint as it was). Plain tensors are written once, from one
+    rank: with ``reduce_buffers`` the floating buffers are first averaged over the ranks
+    (:func:`all_reduce_buffers`), so what is saved does not depend on which rank writes them. ``kwargs`` go to
     ``torch.distributed.checkpoint.save``.
     """
     import torch.distributed.checkpoint as dcp
 
     if reduce_buffers:
         all_reduce_buffers(average)
-    dcp.save({"average": average.state_dict()}, checkpoint_id=checkpoint_id, **kwargs)
+    state = {"average": average.state_dict()}
+    with _shared_atomic_directory(checkpoint_id) as folder:
+        dcp.save(state, checkpoint_id=folder, **kwargs)
+
+
+@contextlib.contextmanager
+def _shared_atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """The folder a DCP save writes into, whole or not at all (:class:`polyak.files.AtomicDirectory`):
+    rank 0 makes a temporary folder and tells the others its name; once every rank has
+    written, rank 0 puts it in place of ``path``."""
+    distributed = dist.is_available() and dist.is_initialized()
+    me = dist.get_rank() if distributed else 0
+    folder = AtomicDirectory(path) if me == 0 else None
+    names = [str(folder.tmp) if folder is not None else None]
+    if distributed:
+        dist.broadcast_object_list(names, src=_global_rank(0, None))
+    try:
+        yield Path(names[0])  # type: ignore[arg-type]
+    except BaseException:
+        if folder is not None:
+            folder.abort()
+        raise
+    if distributed:
+        dist.barrier()
+    if folder is not None:
+        folder.commit()
+    if distributed:
+        dist.barrier()
 
 
 def load(average: nn.Module, checkpoint_id: str | os.PathLike[str], **kwargs: Any) -> None:

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
+from ..files import shown
 from . import average, convert, demo, export, inspect, posthoc
 from .console import HelpFormatter
 from .options import CLIError
@@ -67,10 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except (CLIError, ValueError, KeyError, OSError, RuntimeError) as e:
         message = str(e) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)
-        print(f"polyak {args.command}: error: {_one_line(message)}", file=sys.stderr)
+        print(f"polyak {args.command}: error: {shown(_one_line(message))}", file=sys.stderr)
         return 1
     except Exception as e:  # never a traceback for a user; POLYAK_DEBUG=1 shows it
         if os.environ.get("POLYAK_DEBUG"):
             raise
-        print(f"polyak {args.command}: error: {type(e).__name__}: {_one_line(str(e))}", file=sys.stderr)
+        print(f"polyak {args.command}: error: {type(e).__name__}: {shown(_one_line(str(e)))}", file=sys.stderr)
         return 1

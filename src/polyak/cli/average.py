@@ -115,11 +115,11 @@ def parse_weights(text: str | None, n: int) -> list[float]:
         raise CLIError(f"--weights must be numbers separated by commas, got {text!r}") from e
     if len(values) != n:
         raise CLIError(f"--weights has {len(values)} values for {n} files")
-    if not all(math.isfinite(w) for w in values):
-        raise CLIError(f"--weights must be finite, got {text!r}")
+    if not all(math.isfinite(w) and w >= 0 for w in values):
+        raise CLIError(f"--weights must be finite numbers >= 0 (the weights of an average), got {text!r}")
     total = math.fsum(values)
-    if total == 0:
-        raise CLIError("--weights sum to 0")
+    if not 0 < total < math.inf:
+        raise CLIError(f"--weights must have a positive, finite sum, got {text!r}")
     return [w / total for w in values]
 
 
@@ -329,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
 
     paths = select(args.checkpoints, args.last, args.sort)
     weights = parse_weights(args.weights, len(paths))
-    out = output_path(args.out, paths)
+    out = output_path(args.out, list(args.checkpoints))  # every file named, averaged or not
     if args.last is not None:
         order = "file name (numbers as numbers)" if args.sort == "name" else "modification time"
         say(args, f"averaging the last {len(paths)} of {len(args.checkpoints)} files by {order}:")

@@ -12,6 +12,7 @@ import textwrap
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..files import shown
 from ..schedules import gamma_to_sigma_rel
 
 __all__ = [
@@ -30,9 +31,15 @@ HELP_WIDTH = 100
 
 
 def say(args: argparse.Namespace, message: str) -> None:
-    """A note or summary on stderr, unless ``--quiet``."""
+    """A note or summary on stderr, unless ``--quiet``; shown escaped (:func:`printable`)."""
     if not getattr(args, "quiet", False):
-        print(message, file=sys.stderr)
+        print(printable(message), file=sys.stderr)
+
+
+def printable(text: str) -> str:
+    """``text`` with every line escaped for a terminal (:func:`polyak.files.shown`): names and
+    metadata come from files, and an escape sequence in one would act on the terminal."""
+    return "\n".join(shown(line) for line in text.split("\n"))
 
 
 def progress(args: argparse.Namespace, items: Iterable[Any], *, desc: str, unit: str = "tensor", **kw: Any) -> Any:

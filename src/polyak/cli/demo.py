@@ -21,10 +21,8 @@ matplotlib); nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -465,18 +463,10 @@ def _table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 def _write_json(results: dict[str, Any], path: Path) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(results, indent=1) + "\n"))
+    from ..files import atomic_write
+
+    atomic_write(path, lambda p: p.write_text(json.dumps(results, indent=1) + "\n"))
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
@@ -536,7 +526,9 @@ def _plot(results: dict[str, Any], path: Path) -> None:
         f"SGD at a constant lr {s['lr']:g}, batch {s['batch_size']}, seed {s['seed']}",
         fontsize=11,
     )
-    _atomic(path, lambda p: _save_png(fig, p))
+    from ..files import atomic_write
+
+    atomic_write(path, lambda p: _save_png(fig, p))
 
 
 def _save_png(fig: Any, path: Path) -> None:

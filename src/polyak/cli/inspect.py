@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .console import printable
+
 __all__ = ["register", "run", "describe"]
 
 
@@ -176,5 +178,5 @@ def run(args: argparse.Namespace) -> int:
         json.dump(info, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
-        print(_text(info))
+        print(printable(_text(info)))
     return 0

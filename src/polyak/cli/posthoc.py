@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .console import printable
+
 __all__ = ["register", "run"]
 
 
@@ -45,12 +47,12 @@ def run(args: argparse.Namespace) -> int:
     output_path(args.out, [s.path for s in snapshots])  # never onto a snapshot
     plan = plan_synthesis(snapshots, args.sigma_rel, gamma=args.gamma, at_step=args.at_step)
     if not args.quiet:
-        print(plan.summary(), file=sys.stderr)
+        print(printable(plan.summary()), file=sys.stderr)
 
     def progress(items: Any) -> Any:
         return tqdm(items, desc="snapshots", unit="file", disable=args.quiet, file=sys.stderr)
 
     state = synthesize(plan, out=args.out, progress=progress)
     if not args.quiet:
-        print(f"wrote {len(state)} tensors to {args.out}", file=sys.stderr)
+        print(printable(f"wrote {len(state)} tensors to {args.out}"), file=sys.stderr)
     return 0

@@ -15,7 +15,15 @@ from .paths import check_input, check_writable, openable
 from .reading import MODEL_KEYS, Loaded, is_state_dict, iter_tensors, load, model_state_dict, sniff, tensors_only
 from .streaming import SAFETENSORS_DTYPES, Layout, SafetensorsFile, layout_of, write_safetensors
 from .unpickler import Opaque, restricted_pickle_module
-from .writing import atomic_write, check_output, save_checkpoint, save_weights, torch_save
+from .writing import (
+    AtomicDirectory,
+    atomic_directory,
+    atomic_write,
+    check_output,
+    save_checkpoint,
+    save_weights,
+    torch_save,
+)
 
 __all__ = [
     "FormatError",
@@ -40,6 +48,8 @@ __all__ = [
     "Opaque",
     "restricted_pickle_module",
     "atomic_write",
+    "AtomicDirectory",
+    "atomic_directory",
     "torch_save",
     "check_output",
     "save_weights",

@@ -10,7 +10,7 @@ import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,15 @@ from .errors import FormatError, shown
 from .paths import check_writable
 from .streaming import Layout, layout_of, write_safetensors
 
-__all__ = ["check_output", "atomic_write", "torch_save", "save_weights", "save_checkpoint"]
+__all__ = [
+    "check_output",
+    "atomic_write",
+    "AtomicDirectory",
+    "atomic_directory",
+    "torch_save",
+    "save_weights",
+    "save_checkpoint",
+]
 
 
 def check_output(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]]) -> Path:
@@ -78,13 +86,78 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    if sys.platform != "win32":  # make the rename durable
-        with contextlib.suppress(OSError):
-            dfd = os.open(directory, os.O_RDONLY)
+    _fsync_directory(directory)  # make the rename durable
+
+
+class AtomicDirectory:
+    """A folder written whole or not at all: files go into a temporary folder beside ``path``,
+    which :meth:`commit` renames into place (an existing folder at ``path`` is moved aside
+    first and removed after, so that at every moment one of the two is whole); :meth:`abort`
+    removes it. Use :func:`atomic_directory` in one process; several processes writing into
+    one folder (``torch.distributed.checkpoint``) share :attr:`tmp` and let one commit."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise FormatError(f"{shown(self.path)} exists and is not a folder")
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(self.path, parent), suffix=".tmp", dir=parent))
+
+    def commit(self) -> None:
+        """Make the written folder the one at ``path``."""
+        _fsync_tree(self.tmp)
+        if not self.path.exists():
+            os.replace(self.tmp, self.path)
+        else:
+            old = Path(
+                tempfile.mkdtemp(
+                    prefix=_temporary_prefix(self.path, self.tmp.parent), suffix=".old", dir=self.tmp.parent
+                )
+            )
+            os.replace(self.path, old / "folder")
             try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+                os.replace(self.tmp, self.path)
+            except BaseException:
+                os.replace(old / "folder", self.path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_directory(self.path.parent if str(self.path.parent) else Path("."))
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary folder to write into, put in place of ``path`` when the block ends and
+    removed if it raises (:class:`AtomicDirectory`)."""
+    folder = AtomicDirectory(path)
+    try:
+        yield folder.tmp
+    except BaseException:
+        folder.abort()
+        raise
+    folder.commit()
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with contextlib.suppress(OSError), open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_directory(Path(dirpath))
+
+
+def _fsync_directory(directory: Path) -> None:
+    if sys.platform == "win32":  # pragma: no cover
+        return
+    with contextlib.suppress(OSError):
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 #: What ``tempfile.mkstemp`` adds to the prefix and suffix of a name: 8 random characters.

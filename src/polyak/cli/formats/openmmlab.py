@@ -37,7 +37,7 @@ def _hook_config(text: str | None, types_: Sequence[str]) -> dict[str, Any] | No
         return None
     try:
         tree = ast.parse(text)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     for node in ast.walk(tree):
         pairs: list[tuple[str, ast.expr]] = []

@@ -80,8 +80,9 @@ def read_export(obj: Any, ctx: Context) -> Found | None:
     rec: dict[str, Any] = {"class": None, "schedule": None}
     if fmt == "polyak-average":
         rec["method"] = meta.get("method") or "uniform"
-        with contextlib.suppress(ValueError, TypeError):
-            rec["inputs"] = len(json.loads(meta.get("inputs", "")))
+        inputs = _json(meta.get("inputs"))
+        if isinstance(inputs, list):
+            rec["inputs"] = len(inputs)
         name = "average"
     elif fmt in ("polyak-posthoc-synthesis", "polyak-posthoc"):
         rec["method"] = "posthoc-ema" if fmt == "polyak-posthoc-synthesis" else "posthoc-snapshot"
@@ -93,8 +94,9 @@ def read_export(obj: Any, ctx: Context) -> Found | None:
             rec["method"] = meta["method"]  # an export of an average of checkpoints, or of a synthesis
         name = meta.get("average") or _kind(meta.get("method", ""))
     if meta.get("schedule"):
-        with contextlib.suppress(ValueError):
-            rec["schedule"] = json.loads(meta["schedule"])
+        schedule = _json(meta["schedule"])
+        if isinstance(schedule, dict) and isinstance(schedule.get("type"), str):
+            rec["schedule"] = schedule
     elif meta.get("gamma"):  # a post-hoc synthesis or snapshot: the power function it stands for
         with contextlib.suppress(ValueError):
             rec["schedule"] = {"type": "PowerFunction", "args": {"gamma": float(meta["gamma"])}}
@@ -102,3 +104,14 @@ def read_export(obj: Any, ctx: Context) -> Found | None:
         rec["steps"] = int(meta["step"])
     rec["source"] = {"format": fmt, "metadata": meta}
     return Found(fmt, "", dict(weights), None, {name: rec}, name, metadata=meta)
+
+
+def _json(text: str | None) -> Any:
+    """A JSON value from a metadata string, or None when there is none or it does not parse
+    (deep nesting included)."""
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
