@@ -236,7 +236,8 @@ def test_average_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         ([str(a), str(c)], "tensor 'lin.weight' has shape (5, 4)"),
         ([str(a), str(tmp_path / "missing.pt")], "no such file"),
         ([str(a), str(c), "--weights", "1,2,3"], "--weights has 3 values for 2 files"),
-        ([str(a), str(c), "--weights", "1,-1"], "sum to 0"),
+        ([str(a), str(c), "--weights", "1,-1"], "finite numbers >= 0"),  # an average: no negative weight
+        ([str(a), str(c), "--weights", "0,0"], "positive, finite sum"),
         ([str(a), str(c), "--last", "3"], "--last 3 but only 2 files"),
         ([str(a), str(a)], "given twice"),
     ]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..files import check_input
 from ..tensors import is_averaged
 
 __all__ = ["register", "run", "Averager", "Source"]
@@ -84,8 +85,7 @@ def select(paths: Sequence[Path], last: int | None, sort: str) -> list[Path]:
     from .options import CLIError
 
     for p in paths:
-        if not p.exists():
-            raise CLIError(f"{p}: no such file")
+        check_input(p)  # a regular file: a FIFO would hang the reader
     if len(set(map(str, paths))) != len(paths):
         raise CLIError("a file is given twice")
     if last is not None:

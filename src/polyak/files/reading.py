@@ -42,7 +42,9 @@ __all__ = [
 
 def sniff(path: Path) -> str:
     """``"safetensors"``, ``"zip"`` (``torch.save``), ``"pickle"`` (legacy ``torch.save``) or
-    ``"unknown"``, from the first bytes of the file."""
+    ``"unknown"``, from the first bytes of the file (which must be a regular file:
+    :func:`~polyak.files.paths.check_input`)."""
+    path = check_input(path)
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] == b"PK\x03\x04":
