@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -538,3 +539,28 @@ def test_arguments_are_checked(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="no average"):
         with trainer.averaged():
             pass
+
+
+def test_save_state_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch) -> None:
+    """polyak_averages.pt was written with a plain torch.save: a kill during it left the file
+    unreadable (and destroyed the good one). It now goes through polyak's atomic writer: a save
+    that fails halfway leaves the previous file as it was and no temporary file."""
+    import polyak.integrations.transformers as integration
+
+    callback = AveragingCallback({"ema": ema(0.25)})
+    trainer = Trainer(model=make_model(), args=make_args(tmp_path), train_dataset=TRAIN, callbacks=[callback])
+    trainer.train()
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    path = Path(callback.save_state(str(folder), trainer.model))
+    good = path.read_bytes()
+
+    def half_then_die(obj, tmp) -> None:
+        Path(tmp).write_bytes(good[: len(good) // 2])
+        raise KeyboardInterrupt  # a kill, as far as the file is concerned
+
+    monkeypatch.setattr(integration, "torch_save", half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        callback.save_state(str(folder), trainer.model)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in folder.iterdir()) == [AVERAGING_STATE_NAME]
