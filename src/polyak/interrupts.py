@@ -44,9 +44,7 @@ class HeldInterrupts:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         self._received.append((signum, frame))
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         if self._installed:
             signal.signal(signal.SIGINT, self._previous)
             self._installed = False
