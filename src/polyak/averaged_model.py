@@ -81,7 +81,7 @@ class AveragedModel(BaseAveragedModel):
             ``schedule``).
         use_buffers: average floating buffers too (torch's name for ``update_buffers``).
         schedule: a :class:`~polyak.schedules.Schedule`; default: equal average (SWA).
-        interval, dtype, compensate_interval: as :class:`~polyak.BaseAveragedModel`.
+        interval, dtype, compensate_interval, rounding: as :class:`~polyak.BaseAveragedModel`.
         include, exclude, filter, trainable_only, frozen: what is averaged (above). A
             selection that leaves nothing to average is a :class:`ValueError`.
 
@@ -104,6 +104,7 @@ class AveragedModel(BaseAveragedModel):
         interval: int = 1,
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
+        rounding: str = "nearest",
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         filter: Filter | None = None,
@@ -132,7 +133,8 @@ class AveragedModel(BaseAveragedModel):
         self.avg_fn = None if known else avg_fn
         self.multi_avg_fn = None if known else multi_avg_fn
         self.use_buffers = bool(use_buffers)
-        super().__init__(model, interval, device, use_buffers, dtype=dtype, compensate_interval=compensate_interval)
+        options = {"dtype": dtype, "compensate_interval": compensate_interval, "rounding": rounding}
+        super().__init__(model, interval, device, use_buffers, **options)
 
     # -- what is averaged -----------------------------------------------------------------
 

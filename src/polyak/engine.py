@@ -185,6 +185,106 @@ class _Group:
         torch._foreach_copy_(self.dst, self.src)
 
 
+#: Elements per chunk of a stochastically rounded update (1 MiB in fp32): its five passes over
+#: a chunk then stay in cache (measured on the CPU: 1.8x a float32 average's update, against
+#: 2.3x with 4 MiB chunks).
+ROUNDING_CHUNK = 1 << 18
+
+#: Entries of the table of random 16-bit values that stochastic rounding reads its noise from,
+#: at a new random offset for every chunk of every update (twice the chunk, so that any offset
+#: below the chunk size leaves a whole chunk of table after it).
+NOISE_TABLE = 2 * ROUNDING_CHUNK
+
+
+def _splitmix64(x: int) -> int:
+    """One step of SplitMix64: a well-mixed 64-bit integer from any integer (host arithmetic)."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+class _StochasticGroup:
+    """bfloat16 averages updated in float32 and rounded back stochastically:
+
+    .. math:: \\bar\\theta \\leftarrow \\operatorname{SR}\\bigl(\\bar\\theta + w\\,(\\theta - \\bar\\theta)\\bigr),
+              \\qquad \\operatorname{SR}(x) = \\operatorname{trunc}_{16}(x + u),
+              \\; u \\sim U\\{0, \\dots, 2^{16} - 1\\}
+
+    where the update is computed in float32, :math:`u` is added to the low 16 bits of its
+    float32 representation, and those bits are dropped: the result is one of the two nearest
+    bfloat16 values, the farther with the probability of its share of the distance, so the
+    rounding is unbiased and an update far below half a bfloat16 ulp still moves the average
+    on average (round-to-nearest drops it: a bf16 average at decay 0.999 never moves).
+
+    The work is done in chunks of at most ``ROUNDING_CHUNK`` elements through bounded float32
+    scratch buffers (no model-sized temporary). The noise comes from a table of ``NOISE_TABLE``
+    uniform 16-bit values drawn once from the engine's seed, read at an offset chosen for every
+    chunk of every update from (seed, step, chunk): no random number is drawn per element, and
+    an update at the same step of an average with the same seed rounds the same way, so a run
+    and its resume give the same bits.
+    """
+
+    def __init__(self, dst: list[Tensor], src: list[Tensor], seed: int) -> None:
+        self.batches = list(_contiguous_batches(dst, src, ROUNDING_CHUNK))
+        size = max(d.numel() for d, _ in self.batches)
+        device = dst[0].device
+        self.a = torch.empty(size, dtype=torch.float32, device=device)
+        self.b = torch.empty(size, dtype=torch.float32, device=device)
+        several = any(len(s) > 1 for _, s in self.batches)
+        self.cat = torch.empty(size, dtype=src[0].dtype, device=src[0].device) if several else None
+        generator = torch.Generator(device=device).manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+        self.table = torch.randint(0, 1 << 16, (NOISE_TABLE,), dtype=torch.int32, generator=generator, device=device)
+        self.seed = seed
+        self.step = 0
+
+    @property
+    def dst(self) -> list[Tensor]:
+        return [d for d, _ in self.batches]
+
+    def lerp_(self, weight: Weight) -> None:
+        for i, (d, srcs) in enumerate(self.batches):
+            n = d.numel()
+            a, b = self.a[:n], self.b[:n]
+            a.copy_(d)
+            if len(srcs) == 1:
+                b.copy_(srcs[0])
+            else:
+                assert self.cat is not None
+                torch.cat(srcs, out=self.cat[:n])
+                b.copy_(self.cat[:n])
+            a.lerp_(b, weight)
+            offset = _splitmix64(_splitmix64(self.seed ^ self.step) + i) % (NOISE_TABLE - n + 1)
+            bits = a.view(torch.int32)
+            bits.add_(self.table[offset : offset + n])
+            bits.bitwise_and_(-(1 << 16))
+            d.copy_(a)
+
+    def copy_(self) -> None:  # pragma: no cover - stochastic groups only average
+        raise AssertionError("a stochastic-rounding group only averages")
+
+
+def _contiguous_batches(dst: list[Tensor], src: list[Tensor], limit: int) -> Iterator[tuple[Tensor, list[Tensor]]]:
+    """Runs of pairs whose targets follow each other in memory, cut into 1-d target views of at
+    most ``limit`` elements, each with the (flattened) source pieces it reads."""
+    pieces = list(_pieces(dst, src, limit))
+    run_d: list[Tensor] = []
+    run_s: list[Tensor] = []
+    used = 0
+    for d, s in pieces:
+        n = d.numel()
+        if run_d and (used + n > limit or not (d.is_contiguous() and _adjacent(run_d[-1], d))):
+            yield _flat_view(run_d[0], used), run_s
+            run_d, run_s, used = [], [], 0
+        if not d.is_contiguous():  # a strided target: on its own, through a contiguous copy
+            raise ValueError("stochastic rounding needs contiguous averaged tensors")
+        run_d.append(d)
+        run_s.append(s.reshape(-1))
+        used += n
+    if run_d:
+        yield _flat_view(run_d[0], used), run_s
+
+
 def _lerp(dst: list[Tensor], src: list[Tensor], weight: Weight) -> None:
     if isinstance(weight, Tensor):
         # The Tensor[] overload reads the weight on the device; a 0-d tensor passed as a
@@ -291,14 +391,20 @@ def _staged_plan(dst: list[Tensor], src: list[Tensor]) -> list[tuple[list[Tensor
     return staged
 
 
-def _build_groups(pairs: list[tuple[Tensor, Tensor]], *, average: bool) -> list[_Group]:
+def _build_groups(
+    pairs: list[tuple[Tensor, Tensor]], *, average: bool, stochastic_seed: int | None = None
+) -> list[_Group | _StochasticGroup]:
+    """One plan per (target device, dtype, source device, dtype); bfloat16 targets averaged
+    with stochastic rounding when ``stochastic_seed`` is given."""
     by_key: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
     for d, s in pairs:
         by_key.setdefault((d.device, d.dtype, s.device, s.dtype), []).append((d, s))
-    groups = []
+    groups: list[_Group | _StochasticGroup] = []
     for (ddev, ddt, sdev, sdt), members in by_key.items():
         dst, src = _coalesce([d for d, _ in members], [s for _, s in members])
-        if average:
+        if average and stochastic_seed is not None and ddt == torch.bfloat16:
+            groups.append(_StochasticGroup(dst, src, stochastic_seed))
+        elif average:
             groups.append(_plan_average(dst, src, mismatch=ddev != sdev or ddt != sdt))
         else:
             groups.append(_Group(dst, src))
@@ -371,13 +477,14 @@ class _Binding:
     dst: list[Tensor]  # target tensors (detached), target order
     src: list[Tensor]  # source tensors (detached), target order
     is_buffer: list[bool]
-    plans: dict[str, list[_Group]] = field(default_factory=dict)
+    stochastic_seed: int | None = None  # bfloat16 averages rounded stochastically, from this seed
+    plans: dict[str, list[Any]] = field(default_factory=dict)
     shared: dict[tuple[int, ...], Any] = field(default_factory=dict)  # average_many_ plans
 
     def fresh(self) -> bool:
         return self.source_print.holds() and self.target_print.holds()
 
-    def plan(self, subset: str) -> list[_Group]:
+    def plan(self, subset: str) -> list[Any]:
         plan = self.plans.get(subset)
         if plan is None:
             select = {
@@ -388,7 +495,8 @@ class _Binding:
             }[subset]
             idx = [i for i in range(len(self.dst)) if select(i)]
             pairs = [(self.dst[i], self.src[i]) for i in idx]
-            plan = _build_groups(pairs, average=subset == "avg")
+            average = subset == "avg"
+            plan = _build_groups(pairs, average=average, stochastic_seed=self.stochastic_seed if average else None)
             self.plans[subset] = plan
         return plan
 
@@ -403,14 +511,29 @@ class AveragingEngine:
         kinds: per canonical name, ``"avg"``, ``"copy"`` or ``"skip"`` (the tensor is shared
             with the source, or left alone: never read nor written), overriding the rule
             above. Integer tensors are copied whatever it says.
+        rounding: ``"nearest"`` (torch's rounding of every kernel), or ``"stochastic"``: bfloat16
+            averaged tensors are updated in float32 and rounded back stochastically
+            (:class:`_StochasticGroup`), seeded by ``seed`` and the update's ``step``.
+        seed: the seed of stochastic rounding.
     """
 
     def __init__(
-        self, target: nn.Module, *, update_buffers: bool = False, kinds: Mapping[str, str] | None = None
+        self,
+        target: nn.Module,
+        *,
+        update_buffers: bool = False,
+        kinds: Mapping[str, str] | None = None,
+        rounding: str = "nearest",
+        seed: int = 0,
     ) -> None:
         self.target = target
         self.update_buffers = bool(update_buffers)
         self.kinds = dict(kinds or {})
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        self.rounding = rounding
+        self.seed = int(seed)
+        self._calls = 0  # the step of an update that does not say its own
         self._target_state: dict[str, StateEntry] | None = None
         self._target_print: _Fingerprint | None = None
         self._bindings: dict[int, _Binding] = {}
@@ -526,24 +649,35 @@ class AveragingEngine:
             dst=dst,
             src=srcs,
             is_buffer=is_buf,
+            stochastic_seed=self.seed if self.rounding == "stochastic" else None,
         )
 
     # -- the hot path ------------------------------------------------------------------
 
     @torch.no_grad()
-    def average_(self, source: nn.Module, weight: Weight) -> None:
+    def average_(self, source: nn.Module, weight: Weight, *, step: int | None = None) -> None:
         """Move averaged tensors toward ``source`` by ``weight`` and copy the others.
 
         .. math:: \\bar\\theta \\leftarrow \\bar\\theta + w\\,(\\theta - \\bar\\theta)
 
         for every averaged tensor, with :math:`w` the ``weight`` (a float, or a 0-d tensor
-        on the average's device); one fused kernel per (device, dtype) group.
+        on the average's device); one fused kernel per (device, dtype) group. ``step`` seeds
+        stochastic rounding (the averaged model passes its ``steps``; default: a count of
+        this engine's calls).
         """
         b = self.bind(source)
-        for g in b.plan("avg"):
-            g.lerp_(weight)
+        self.lerp_(b, weight, step)
         for g in b.plan("copy"):
             g.copy_()
+
+    def lerp_(self, binding: _Binding, weight: Weight, step: int | None) -> None:
+        """The averaging half of :meth:`average_`, on a resolved binding."""
+        if step is None:
+            step, self._calls = self._calls, self._calls + 1
+        for g in binding.plan("avg"):
+            if isinstance(g, _StochasticGroup):
+                g.step = step
+            g.lerp_(weight)
 
     @torch.no_grad()
     def copy_(self, source: nn.Module, subset: str = "all") -> None:
@@ -630,7 +764,13 @@ def _shared_plan(groups: list[_Group]) -> _SharedPlan:
 
 
 @torch.no_grad()
-def average_many_(engines: Sequence[AveragingEngine], source: nn.Module, weights: Sequence[Weight]) -> None:
+def average_many_(
+    engines: Sequence[AveragingEngine],
+    source: nn.Module,
+    weights: Sequence[Weight],
+    *,
+    steps: Sequence[int] | None = None,
+) -> None:
     """:meth:`AveragingEngine.average_` for several averages of the same model at once,
 
     .. math:: \\bar\\theta_i \\leftarrow \\bar\\theta_i + w_i\\,(\\theta - \\bar\\theta_i), \\quad i = 1 \\dots N
@@ -638,16 +778,21 @@ def average_many_(engines: Sequence[AveragingEngine], source: nn.Module, weights
     reading each source tensor from memory once for all of them: large tensors are cut into
     cache-sized chunks and every average is updated from a chunk before the next is read;
     staged and gathered sources are staged once. Averages whose layouts differ (another dtype
-    or device) fall back to one pass each. Every binding is checked before anything changes.
+    or device) or that round stochastically fall back to one pass each (``steps`` seed their
+    rounding). Every binding is checked before anything changes.
     """
     if len(engines) != len(weights):
         raise ValueError(f"{len(engines)} averages but {len(weights)} weights")
     bindings = [e.bind(source) for e in engines]
     plans = [b.plan("avg") for b in bindings]
-    if len({len(p) for p in plans}) != 1 or not all(_aligned(list(gs)) for gs in zip(*plans, strict=True)):
-        for b, w in zip(bindings, weights, strict=True):
-            for g in b.plan("avg"):
-                g.lerp_(w)
+    stochastic = any(isinstance(g, _StochasticGroup) for p in plans for g in p)
+    if (
+        stochastic
+        or len({len(p) for p in plans}) != 1
+        or not all(_aligned(list(gs)) for gs in zip(*plans, strict=True))
+    ):
+        for i, (e, b, w) in enumerate(zip(engines, bindings, weights, strict=True)):
+            e.lerp_(b, w, None if steps is None else steps[i])
     else:
         key = tuple(id(b) for b in bindings)
         cached = bindings[0].shared.get(key)

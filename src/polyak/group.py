@@ -53,7 +53,8 @@ class AverageGroup:
             a.check_model(model)
         fused = [(a, u) for a, u in updates if u.kind == "average"]
         if fused:
-            average_many_([a.engine for a, _ in fused], model, [u.weight for _, u in fused])  # type: ignore[misc]
+            engines, weights = [a.engine for a, _ in fused], [u.weight for _, u in fused]
+            average_many_(engines, model, weights, steps=[a.steps for a, _ in fused])  # type: ignore[arg-type]
         for a, u in updates:
             if u.kind != "average":
                 a.apply_update(model, u)

@@ -44,7 +44,15 @@ from .registry import Registry
 from .schedules import Schedule, interval_momentum
 from .sharded import ShardedAverageModule, copy_full_, reshard, sharded_copy
 from .tensors import StateEntry, is_averaged, is_dtensor, named_state, unwrap_model
-from .validation import ConventionWarning, check_count, check_float_dtype, check_int, check_number, warning_stacklevel
+from .validation import (
+    ConventionWarning,
+    check_choice,
+    check_count,
+    check_float_dtype,
+    check_int,
+    check_number,
+    warning_stacklevel,
+)
 
 __all__ = ["BaseAveragedModel", "Update", "AVERAGES", "average_dtype", "copy_module"]
 
@@ -158,6 +166,11 @@ class BaseAveragedModel(nn.Module):
         compensate_interval: use :math:`1 - \\prod(1 - m(j))` over the ``interval`` steps an
             update stands for, so the horizon in steps does not depend on ``interval``.
             ``False`` reproduces mmengine/mmagic/mmpretrain. Defaults to True.
+        rounding: ``"nearest"``, or ``"stochastic"`` with ``dtype=torch.bfloat16``: a half-size
+            average, updated in float32 chunks and rounded back to bfloat16 stochastically, so
+            that it keeps moving where a round-to-nearest bfloat16 average stalls (a run and its
+            resume round alike: the rounding is seeded by ``steps``). See docs/averaging.md,
+            "Precision". Defaults to ``"nearest"``.
         **schedule_args: for presets: the arguments of ``schedule_type``, checked before the
             model is copied and kept as attributes (``self.momentum``: changing one takes
             effect at the next update).
@@ -179,6 +192,7 @@ class BaseAveragedModel(nn.Module):
         *,
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
+        rounding: str = "nearest",
         **schedule_args: Any,
     ) -> None:
         super().__init__()
@@ -188,6 +202,11 @@ class BaseAveragedModel(nn.Module):
         self.interval = check_int("interval", interval, 1)
         self.update_buffers = bool(update_buffers)
         self.compensate_interval = bool(compensate_interval)
+        self.rounding = check_choice("rounding", rounding, ("nearest", "stochastic"))
+        if rounding == "stochastic" and dtype != torch.bfloat16:
+            raise ValueError(
+                f"rounding='stochastic' rounds the average to bfloat16: give dtype=torch.bfloat16, got dtype={dtype}"
+            )
         self._schedule_args = tuple(schedule_args)
         self._schedule_cache: tuple[tuple[Any, ...], Schedule] | None = None
         self._check_rule(schedule_args)
@@ -212,9 +231,14 @@ class BaseAveragedModel(nn.Module):
         self._steps = 0
         self._swapped = False
         self._last_momentum: float | None = None
-        self._engine = AveragingEngine(self.module, update_buffers=self.update_buffers, kinds=self._kinds)
+        self._engine = self._make_engine()
         self._engine.target_state()  # nothing to average is an error now, not at the first update
         self._register_state_dict_hook(_drop_skipped)
+
+    def _make_engine(self) -> AveragingEngine:
+        return AveragingEngine(
+            self.module, update_buffers=self.update_buffers, kinds=self._kinds, rounding=self.rounding
+        )
 
     def _check_rule(self, schedule_args: Mapping[str, Any]) -> None:
         """Raise before the model is copied if this class has no averaging rule or a preset's
@@ -352,7 +376,7 @@ class BaseAveragedModel(nn.Module):
         self.check_model(model)
         kind = update.kind
         if kind == "average":
-            self._engine.average_(model, update.weight)  # type: ignore[arg-type]
+            self._engine.average_(model, update.weight, step=self._steps)  # type: ignore[arg-type]
         elif kind == "copy":
             self._engine.copy_(model, "all")
         elif kind == "hold":
@@ -722,7 +746,7 @@ class BaseAveragedModel(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         _AVERAGE_MODULES.add(self.module)
-        self._engine = AveragingEngine(self.module, update_buffers=self.update_buffers, kinds=self._kinds)
+        self._engine = self._make_engine()
 
     def extra_repr(self) -> str:
         try:

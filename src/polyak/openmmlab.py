@@ -54,7 +54,7 @@ class ExponentialMovingAverage(BaseAveragedModel):
     :math:`1 - (1 - m)^k`, so the half-life stays the same in steps.
 
     Args:
-        model, interval, device, update_buffers, dtype, compensate_interval: as
+        model, interval, device, update_buffers, dtype, compensate_interval, rounding: as
             :class:`~polyak.BaseAveragedModel`.
         momentum: in :math:`[0, 1]`; a value above 0.5 (likely a decay passed as a
             momentum) gives a :class:`~polyak.validation.ConventionWarning`. Defaults to 0.0002.
@@ -72,10 +72,11 @@ class ExponentialMovingAverage(BaseAveragedModel):
         *,
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
+        rounding: str = "nearest",
     ) -> None:
         if momentum is None:  # ConstantMomentum(None) would read it as "not given"
             raise ValueError("momentum must be a number, got None")
-        options = {"dtype": dtype, "compensate_interval": compensate_interval}
+        options = {"dtype": dtype, "compensate_interval": compensate_interval, "rounding": rounding}
         super().__init__(model, interval, device, update_buffers, momentum=momentum, **options)
 
 
@@ -86,7 +87,7 @@ class MomentumAnnealingEMA(ExponentialMovingAverage):
     steps with ``gamma=100``.
 
     Args:
-        model, momentum, interval, device, update_buffers, dtype, compensate_interval: as
+        model, momentum, interval, device, update_buffers, dtype, compensate_interval, rounding: as
             :class:`ExponentialMovingAverage`.
         gamma: > 0. Defaults to 100.
     """
@@ -104,8 +105,9 @@ class MomentumAnnealingEMA(ExponentialMovingAverage):
         *,
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
+        rounding: str = "nearest",
     ) -> None:
-        options = {"dtype": dtype, "compensate_interval": compensate_interval}
+        options = {"dtype": dtype, "compensate_interval": compensate_interval, "rounding": rounding}
         BaseAveragedModel.__init__(
             self, model, interval, device, update_buffers, momentum=momentum, gamma=gamma, **options
         )
@@ -134,7 +136,7 @@ class RampUpEMA(BaseAveragedModel):
     batches.
 
     Args:
-        model, interval, device, update_buffers, dtype, compensate_interval: as
+        model, interval, device, update_buffers, dtype, compensate_interval, rounding: as
             :class:`~polyak.BaseAveragedModel`.
         ema_kimg: half-life in thousands of images. Defaults to 10.
         ema_rampup: ramp-up ratio, or None. Defaults to 0.05.
@@ -160,10 +162,11 @@ class RampUpEMA(BaseAveragedModel):
         *,
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
+        rounding: str = "nearest",
     ) -> None:
         start = check_int("start_iter", start_iter, 0)
         rampup = {"ema_kimg": ema_kimg, "ema_rampup": ema_rampup, "batch_size": batch_size, "eps": eps}
-        options = {"dtype": dtype, "compensate_interval": compensate_interval}
+        options = {"dtype": dtype, "compensate_interval": compensate_interval, "rounding": rounding}
         super().__init__(model, interval, device, update_buffers, **options, **rampup)
         self.start_iter = start
         self._start_calls = 0
@@ -206,7 +209,7 @@ class CosineEMA(ExponentialMovingAverage):
     :class:`ValueError`.
 
     Args:
-        model, interval, device, update_buffers, dtype, compensate_interval: as
+        model, interval, device, update_buffers, dtype, compensate_interval, rounding: as
             :class:`~polyak.BaseAveragedModel`.
         momentum: start momentum, in [0, 1]. Defaults to 0.004.
         end_momentum: end momentum, in [0, 1]. Defaults to 0.
@@ -228,8 +231,9 @@ class CosineEMA(ExponentialMovingAverage):
         *,
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
+        rounding: str = "nearest",
     ) -> None:
-        options = {"dtype": dtype, "compensate_interval": compensate_interval}
+        options = {"dtype": dtype, "compensate_interval": compensate_interval, "rounding": rounding}
         cosine = {"momentum": momentum, "end_momentum": end_momentum, "max_steps": max_steps}
         BaseAveragedModel.__init__(self, model, interval, device, update_buffers, **options, **cosine)
 
@@ -256,7 +260,7 @@ class ExpMomentumEMA(ExponentialMovingAverage):
     preset of :class:`~polyak.schedules.ExpMomentum`.
 
     Args:
-        model, momentum, interval, device, update_buffers, dtype, compensate_interval: as
+        model, momentum, interval, device, update_buffers, dtype, compensate_interval, rounding: as
             :class:`ExponentialMovingAverage`.
         gamma: > 0. Defaults to 2000.
     """
@@ -274,8 +278,9 @@ class ExpMomentumEMA(ExponentialMovingAverage):
         *,
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
+        rounding: str = "nearest",
     ) -> None:
-        options = {"dtype": dtype, "compensate_interval": compensate_interval}
+        options = {"dtype": dtype, "compensate_interval": compensate_interval, "rounding": rounding}
         BaseAveragedModel.__init__(
             self, model, interval, device, update_buffers, momentum=momentum, gamma=gamma, **options
         )
