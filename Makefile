@@ -38,6 +38,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/update_speed.py
+	$(PY) benchmarks/precision.py
 
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/polyak demo $(DEMO_ARGS)
