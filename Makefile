@@ -39,6 +39,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/update_speed.py
 	$(PY) benchmarks/precision.py
+	$(PY) benchmarks/health.py
 
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/polyak demo $(DEMO_ARGS)

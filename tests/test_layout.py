@@ -27,6 +27,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "files": ("polyak.files", "polyak.checkpoint"),
     "averages": (
+        "polyak.health",
         "polyak.models",
         "polyak.openmmlab",
         "polyak.averaged_model",

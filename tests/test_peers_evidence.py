@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -174,27 +175,55 @@ def test_torch_fp32_average_of_a_bf16_model_raises_on_the_ema_path() -> None:
     assert "dtype" not in inspect.signature(swa_utils.AveragedModel).parameters
 
 
-@pytest.mark.parametrize("peer", ["torch", "mmengine"])
+@pytest.mark.parametrize("peer", ["torch", "torch avg_fn", "mmengine", "ema-pytorch", "diffusers"])
 def test_a_bf16_average_at_decay_0_999_never_moves(peer: str) -> None:
-    """torch 2.13.0, torch/optim/swa_utils.py:77 (``_foreach_lerp_``), and mmengine-lite 0.10.7,
-    mmengine/model/averaged_model.py:208 (``lerp_``): a bf16 average that starts at 1.0 and
-    follows a model one bf16 ulp away (1 + 2**-7) for 2,000 updates at decay 0.999 stays at
-    exactly 1.0: each step, 0.001 of the gap, is below half an ulp and rounds away. The exact
-    average is 1 + 2**-7 * (1 - 0.999**2000) = 1.006756."""
+    """torch 2.13.0, torch/optim/swa_utils.py:77 (``_foreach_lerp_``) and 147-148 (``avg_fn``, the
+    path Lightning's ``EMAWeightAveraging`` takes: ``E::test_lightning_ema_interval_buffers_and_end_of_fit``);
+    mmengine-lite 0.10.7, mmengine/model/averaged_model.py:208 (``lerp_``); ema-pytorch 0.8.3,
+    ema_pytorch/ema_pytorch.py:339-350 (``lerp_``, decay held at 0.999 by ``min_value``);
+    diffusers 0.42.1, diffusers/training_utils.py:811 (decay held at 0.999 by ``min_decay``): a
+    bf16 average that starts at 1.0 and follows a model one bf16 ulp away (1 + 2**-7) for 2,000
+    updates at decay 0.999 stays at exactly 1.0, and nothing warns: each step, 0.001 of the gap,
+    is below half an ulp and rounds away. The exact average is 1 + 2**-7 * (1 - 0.999**2000) =
+    1.006756. polyak warns about the same average at its first update."""
     model = nn.Linear(1, 1, bias=False).to(torch.bfloat16)
     with torch.no_grad():
         model.weight.fill_(1.0)
+    read: Callable[[], float]
     if peer == "torch":
-        avg: nn.Module = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999))
-    else:
+        avg: object = swa_utils.AveragedModel(model, multi_avg_fn=swa_utils.get_ema_multi_avg_fn(0.999))
+        read = lambda: avg.module.weight.item()  # noqa: E731
+    elif peer == "torch avg_fn":
+        avg = swa_utils.AveragedModel(model, avg_fn=swa_utils.get_ema_avg_fn(0.999), use_buffers=True)
+        read = lambda: avg.module.weight.item()  # noqa: E731
+    elif peer == "mmengine":
         mmengine_model = pytest.importorskip("mmengine.model")
         avg = mmengine_model.ExponentialMovingAverage(model, momentum=0.001)
-    avg.update_parameters(model)  # the copy
-    with torch.no_grad():
-        model.weight.fill_(1.0 + 2**-7)
-    for _ in range(2000):
-        avg.update_parameters(model)
-    assert avg.module.weight.item() == 1.0
+        read = lambda: avg.module.weight.item()  # noqa: E731
+    elif peer == "ema-pytorch":
+        avg = _ema_pytorch_mod().EMA(model, beta=0.999, min_value=0.999, update_after_step=0, update_every=1)
+        read = lambda: avg.ema_model.weight.item()  # noqa: E731
+    else:
+        avg = _ema_model_cls()(model.parameters(), decay=0.999, min_decay=0.999)
+        read = lambda: avg.shadow_params[0].item()  # noqa: E731
+
+    def update() -> None:
+        if peer == "ema-pytorch":
+            avg.update()  # type: ignore[attr-defined]
+        elif peer == "diffusers":
+            avg.step(model.parameters())  # type: ignore[attr-defined]
+        else:
+            avg.update_parameters(model)  # type: ignore[attr-defined]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        update()  # the copy (diffusers: its first step copies too)
+        with torch.no_grad():
+            model.weight.fill_(1.0 + 2**-7)
+        for _ in range(2000):
+            update()
+    assert read() == 1.0
+    assert [str(w.message) for w in caught] == []
     exact = 1 + 2**-7 * (1 - 0.999**2000)
     assert exact == pytest.approx(1.006756, abs=1e-6)
     # polyak keeps an fp32 average of the bf16 model
@@ -209,6 +238,12 @@ def test_a_bf16_average_at_decay_0_999_never_moves(peer: str) -> None:
         ours.update_parameters(model)
     assert ours.module.weight.dtype == torch.float32
     assert ours.module.weight.item() == pytest.approx(exact, rel=1e-5)  # fp32 rounding over 2,000 updates
+    # and, asked for a bf16 average, warns at the first update that would be lost
+    # (tests/test_health.py::test_a_bf16_average_with_round_to_nearest_stalls_and_is_named)
+    half = polyak.ExponentialMovingAverage(model, momentum=0.001, dtype=torch.bfloat16)
+    half.update_parameters(model)
+    with pytest.warns(UserWarning, match="the average stalls"):
+        half.update_parameters(model)
 
 
 def test_torch_avg_fn_path_allocates_per_tensor_and_multi_avg_fn_is_foreach() -> None:

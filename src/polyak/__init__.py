@@ -67,6 +67,7 @@ _SUBMODULES = frozenset(
         "distributed",
         "engine",
         "files",
+        "health",
         "hooks",
         "integrations",
         "models",

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .engine import AveragingEngine, Weight, flatten_tensors_
+from .health import Health, HealthWatch, measure, stall_ratio
 from .interrupts import HeldInterrupts
 from .registry import Registry
 from .schedules import Schedule, interval_momentum
@@ -107,6 +108,11 @@ def copy_module(
     # single lerp_ per group (see flatten_parameters).
     flatten_tensors_(new_params)
     return clone
+
+
+#: :meth:`BaseAveragedModel.update_parameters` warns when a round-to-nearest average would
+#: move an element only where the model differs from it by more than this share of its value.
+LOST_RATIO = 0.5
 
 
 class Update(NamedTuple):
@@ -233,6 +239,7 @@ class BaseAveragedModel(nn.Module):
         self._last_momentum: float | None = None
         self._engine = self._make_engine()
         self._engine.target_state()  # nothing to average is an error now, not at the first update
+        self._watch = HealthWatch()
         self._register_state_dict_hook(_drop_skipped)
 
     def _make_engine(self) -> AveragingEngine:
@@ -393,7 +400,32 @@ class BaseAveragedModel(nn.Module):
             return
         if update.kind != "hold":
             self._last_momentum = update.weight
+            if update.kind == "average" and isinstance(update.weight, float):
+                self._warn_if_lost(update.weight)
         self._steps += 1
+
+    def _warn_if_lost(self, weight: float) -> None:
+        """Warn once when round-to-nearest in a coarse dtype swallows updates of ``weight``
+        (host arithmetic on the weight alone: no device read)."""
+        if self.rounding == "stochastic" or "lost" in self.health_watch.warned:
+            return
+        coarse = self.__dict__.get("_coarse")
+        if coarse is None:
+            kinds = self.tensor_kinds()
+            dtypes = {t.dtype for n, t in self.module.state_dict().items() if kinds.get(n) == "avg"}
+            coarse = self.__dict__["_coarse"] = {d: stall_ratio(d, 1.0) for d in dtypes if stall_ratio(d, 1.0)}
+        if not coarse or max(coarse.values()) / weight < LOST_RATIO:
+            return
+        self.health_watch.warned.add("lost")
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in coarse))
+        warnings.warn(
+            f"{type(self).__name__}: an update of weight {weight:.3g} into a {names} average moves an element "
+            f"only where the model differs from it by more than {max(coarse.values()) / weight:.3g} times the "
+            "element's value, so nearly every update is lost and the average stalls: keep the average in "
+            "float32 (the default) or use rounding='stochastic'",
+            UserWarning,
+            stacklevel=warning_stacklevel(),
+        )
 
     def check_model(self, model: nn.Module, what: str = "update_parameters") -> None:
         """Raise :class:`ValueError` if ``model`` is an average (this one, another, or the module
@@ -437,6 +469,30 @@ class BaseAveragedModel(nn.Module):
         ``"avg"`` (averaged), ``"copy"`` (copied from the model) or ``"skip"`` (shared with the
         model)."""
         return {e.path: self._engine.kind(e) for e in named_state(self.module).values()}
+
+    def health(self, model: nn.Module, *, warn: bool = True) -> Health:
+        """A health report of the average against the live ``model`` (:class:`polyak.health.Health`):
+        distance to the live weights, the share of an update the average's precision keeps,
+        the horizon in steps, the tensors averaged, copied and skipped, and what is wrong.
+
+        Computed on the device with no host synchronisation; :meth:`Health.values` (or
+        printing the report) reads it. With ``warn`` (the default), reading it warns once per
+        average about each kind of problem found: a stalled low-precision average (naming the
+        tensors), tensors farther from the live weights than their own norm (naming them), an
+        average never updated, a :meth:`swapped` block left open, NaN or inf.
+
+        >>> # print(ema.health(model))
+        """
+        self.check_model(model, "health")
+        return measure(self, model, owner=type(self).__name__, watch=self.health_watch if warn else None)
+
+    @property
+    def health_watch(self) -> HealthWatch:
+        """The problems this average has warned about (each kind once)."""
+        watch = self.__dict__.get("_watch")
+        if watch is None:  # an average pickled before health reports existed
+            watch = self.__dict__["_watch"] = HealthWatch()
+        return watch
 
     @property
     def is_swapped(self) -> bool:
@@ -724,6 +780,7 @@ class BaseAveragedModel(nn.Module):
             for owner, key, t in shared:
                 owner[key] = t
             self._engine.invalidate()
+            self.__dict__.pop("_coarse", None)  # the dtypes may have changed
         return out
 
     def _shared_slots(self) -> list[tuple[dict, str]]:

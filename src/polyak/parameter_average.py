@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .averaged_model import AveragedModel
+from .health import Health
 from .schedules import ConstantMomentum, Schedule
 
 __all__ = ["ParameterAverage"]
@@ -120,6 +121,11 @@ class ParameterAverage:
         self.average.update_parameters(self._resolve(parameters))
 
     step = update  # diffusers' name
+
+    def health(self, parameters: Iterable[Tensor] | None = None, *, warn: bool = True) -> Health:
+        """The average's health report against the tensors (see
+        :meth:`polyak.BaseAveragedModel.health`; tensors are named by position)."""
+        return self.average.health(self._resolve(parameters), warn=warn)
 
     def copy_to(self, parameters: Iterable[Tensor] | None = None) -> None:
         """Write the average into the tensors."""

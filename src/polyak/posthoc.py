@@ -38,6 +38,7 @@ from .averaged_model import AveragedModel
 from .checkpoint import FORMAT_VERSION
 from .files import FormatError, SafetensorsFile, first_line, save_weights, shown
 from .group import AverageGroup
+from .health import Health
 from .schedules import PowerFunction, gamma_to_sigma_rel, sigma_rel_to_gamma
 from .tensors import is_averaged
 from .validation import check_int, check_number
@@ -524,6 +525,11 @@ class PostHocEMA(nn.Module):
         self._group.update_parameters(model)
         if self.snapshot_every is not None and self.steps % self.snapshot_every == 0:
             self.snapshot()
+
+    def health(self, model: nn.Module, sigma_rel: float | None = None, *, warn: bool = True) -> Health:
+        """One tracked profile's health report against ``model`` (see
+        :meth:`polyak.BaseAveragedModel.health`)."""
+        return self.profile(sigma_rel).health(model, warn=warn)
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module, sigma_rel: float | None = None) -> Iterator[nn.Module]:

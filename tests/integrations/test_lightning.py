@@ -664,3 +664,37 @@ def test_sharded_strategies_are_refused_before_anything_is_built(tmp_path: Path)
     with pytest.raises(NotImplementedError, match=r"does not support sharded training.*ModelParallelStrategy"):
         averaging.setup(trainer, Net(), "fit")
     assert averaging.averages == {}
+
+
+def test_health_is_logged_and_matches_a_reference(tmp_path: Path) -> None:
+    """Every ``log_every_n_steps`` optimizer steps each average's health report is logged; the
+    distance matches one computed here from the recorded weights; a healthy run warns nothing."""
+    averaging = WeightAveraging(averages())
+    recorder = LiveRecorder(averaging)
+    logger = CSVLogger(tmp_path, name="logs", version=0)
+    trainer = make_trainer(tmp_path, [averaging, recorder], logger=logger, log_every_n_steps=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=UserWarning, module="polyak")
+        trainer.fit(Net(), train_loader(), val_loader())
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("ema/distance")]
+    assert [int(r["step"]) for r in rows] == list(range(1, trainer.global_step, 2))  # global_step 2, 4, ...
+    params = params_of(Net())
+    for row in rows:
+        i = int(row["step"])  # the row of global_step i + 1: after the (i + 1)-th update
+        live, avg = recorder.live[i], recorder.averaged[i]["ema"]
+        d2 = sum(float(((live[k] - avg[k]) ** 2).sum()) for k in params)
+        l2 = sum(float((live[k] ** 2).sum()) for k in params)
+        assert float(row["ema/distance"]) == pytest.approx(math.sqrt(d2 / l2), rel=1e-5)
+        assert float(row["ema/moved"]) == 1.0
+        assert float(row["ema/horizon"]) == pytest.approx(1 / MOMENTUM)
+        assert float(row["ema_slow/moved"]) == 1.0
+
+
+def test_log_health_false_logs_no_report(tmp_path: Path) -> None:
+    averaging = WeightAveraging(averages(slow=False), log_health=False)
+    trainer = make_trainer(tmp_path, [averaging], log_every_n_steps=1)
+    trainer.fit(Net(), train_loader(), val_loader())
+    assert "ema/distance" not in trainer.callback_metrics and "ema/decay" in trainer.callback_metrics
+    with pytest.raises(ValueError, match="log_health"):
+        WeightAveraging(averages(), log_health=0)

@@ -317,6 +317,31 @@ def test_momentum_is_logged(uninterrupted):
     assert [d["ema_momentum"] for d in lines if "ema_momentum" in d] == [1.0] + [MOMENTUM] * 5
 
 
+def test_health_is_logged_at_the_logger_interval(uninterrupted):
+    """The logger hook's interval is 1 here: a report after every iteration, its distance the one
+    computed here from the recorded weights and the float64 reference average."""
+    runner, recorder = uninterrupted["runner"], uninterrupted["recorder"]
+    distances, _ = runner.message_hub.get_scalar("train/ema_distance").data
+    assert len(distances) == 6
+    for i, got in enumerate(distances.tolist()):
+        live = recorder.after[i]
+        avg = reference_average([recorder.after[j] for j in range(i + 1)], ema_momenta(i + 1), AVERAGED)
+        d2 = sum(float(((live[k] - avg[k]) ** 2).sum()) for k in AVERAGED)
+        l2 = sum(float((live[k] ** 2).sum()) for k in AVERAGED)
+        assert got == pytest.approx(math.sqrt(d2 / l2), rel=1e-5, abs=1e-9), i
+    horizons, _ = runner.message_hub.get_scalar("train/ema_horizon").data
+    assert horizons.tolist() == pytest.approx([1.0] + [1 / MOMENTUM] * 5)
+    assert runner.message_hub.get_scalar("train/ema_moved").data[0].tolist() == [1.0] * 6
+
+
+def test_health_interval_is_checked_and_none_logs_nothing(tmp_path):
+    mm = integration()
+    with pytest.raises(ValueError, match="health_interval"):
+        mm.PolyakEMAHook(health_interval=0)
+    runner, _, _ = run(tmp_path, [dict(POLYAK_HOOK, health_interval=None)], val_interval=10, ckpt_interval=10)
+    assert "train/ema_distance" not in runner.message_hub.log_scalars
+
+
 def test_checkpoint_layout_and_weights_only_load(uninterrupted):
     recorder, work_dir = uninterrupted["recorder"], uninterrupted["work_dir"]
     for n in (3, 6):

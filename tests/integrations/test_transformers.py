@@ -8,6 +8,7 @@ recorded after each optimizer step.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import warnings
 from pathlib import Path
@@ -564,3 +565,41 @@ def test_save_state_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch)
         callback.save_state(str(folder), trainer.model)
     assert path.read_bytes() == good
     assert sorted(p.name for p in folder.iterdir()) == [AVERAGING_STATE_NAME]
+
+
+@pytest.mark.parametrize("managed", [True, False])
+def test_health_reports_reach_the_training_logs(tmp_path, managed: bool) -> None:
+    """Each training log carries each average's health report, the distance as computed here
+    from the recorded weights; a healthy run warns nothing; ``log_health=False`` leaves it out."""
+    rec = Recorder()
+    averages = {"ema": ema(0.25), "swa": polyak.StochasticWeightAverage}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=UserWarning, module="polyak")
+        if managed:
+            trainer = AveragingTrainer(
+                model=make_model(), args=make_args(tmp_path), train_dataset=TRAIN, callbacks=[rec], averages=averages
+            )
+        else:
+            callback = AveragingCallback(averages)
+            trainer = Trainer(
+                model=make_model(), args=make_args(tmp_path), train_dataset=TRAIN, callbacks=[callback, rec]
+            )
+        trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == len(rec.weights) == 6
+    for i, entry in enumerate(logs):
+        live, avg = rec.weights[i], ema_reference(rec.weights[: i + 1], 0.25)
+        d2 = sum(float(((live[k] - avg[k]) ** 2).sum()) for k in live)
+        l2 = sum(float((live[k] ** 2).sum()) for k in live)
+        assert entry["ema_distance"] == pytest.approx(math.sqrt(d2 / l2), rel=1e-5, abs=1e-9)
+        assert entry["ema_moved"] == 1.0 and entry["ema_horizon"] == pytest.approx(1 if i == 0 else 4)
+        assert entry["swa_horizon"] == pytest.approx(i + 1)  # an equal average spans every step
+    assert logs[0]["ema_distance"] == 0.0  # the first update copies
+
+
+def test_log_health_false_keeps_reports_out_of_the_logs(tmp_path) -> None:
+    callback = AveragingCallback({"ema": ema(0.25)}, log_health=False)
+    trainer = Trainer(model=make_model(), args=make_args(tmp_path), train_dataset=TRAIN, callbacks=[callback])
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert logs and all("ema_decay" in e and "ema_distance" not in e for e in logs)

@@ -155,6 +155,11 @@ class WeightAveraging(Callback):
             own, logged under ``metric_prefix.format(name="live")``. Defaults to False.
         metric_prefix: the prefix of the metrics of an average, formatted with its ``name``.
         log_decay: log each average's decay at each update. Defaults to True.
+        log_health: log each average's health report (:meth:`polyak.BaseAveragedModel.health`:
+            ``distance``, ``moved``, ``horizon``) every that many
+            optimizer steps, and warn once about each problem it finds; ``True``: at the
+            trainer's ``log_every_n_steps``; ``False``: never (the report costs a pass over the
+            weights and one host read). Defaults to True.
         copy_average_on_train_end: at the end of training, write the primary average into the
             model for good (Lightning's behaviour). Defaults to False: the model keeps its live
             weights, and the average is in the averages and the checkpoints.
@@ -188,6 +193,7 @@ class WeightAveraging(Callback):
         evaluate_live: bool = False,
         metric_prefix: str = "{name}/",
         log_decay: bool = True,
+        log_health: bool | int = True,
         copy_average_on_train_end: bool = False,
     ) -> None:
         specs = dict(averages) if isinstance(averages, Mapping) else {"average": averages}
@@ -218,6 +224,9 @@ class WeightAveraging(Callback):
         self.evaluate_live = bool(evaluate_live)
         self.metric_prefix = metric_prefix
         self.log_decay = bool(log_decay)
+        if not isinstance(log_health, bool):
+            log_health = check_int("log_health", log_health, 1)
+        self.log_health = log_health
         self.copy_average_on_train_end = bool(copy_average_on_train_end)
 
         #: The averages by name, built at the start of ``fit`` (empty before).
@@ -312,6 +321,9 @@ class WeightAveraging(Callback):
         if self.should_update(step_idx=trainer.global_step - 1):
             self._update(pl_module, on_step=True)
             self._latest_update_step = trainer.global_step
+            every = trainer.log_every_n_steps if self.log_health is True else int(self.log_health)
+            if self.log_health is not False and every > 0 and trainer.global_step % every == 0:
+                self._log_health(pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -330,6 +342,12 @@ class WeightAveraging(Callback):
                 pl_module.log(
                     self.metric_name(name, "decay"), value, on_step=on_step, on_epoch=not on_step, batch_size=1
                 )
+
+    def _log_health(self, pl_module: pl.LightningModule) -> None:
+        for name, average in self.averages.items():
+            for key, value in average.health(pl_module).scalars().items():
+                # read already (one host sync per report): a CPU tensor keeps it off the device
+                pl_module.log(self.metric_name(name, key), torch.tensor(value), on_step=True, batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.copy_average_on_train_end or not self.averages:

@@ -29,13 +29,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from mmengine.hooks import Hook
+from mmengine.hooks import Hook, LoggerHook
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS, MODELS, Registry
 
 from ..hooks import EMAHook
 from ..models import AVERAGES, BaseAveragedModel
+from ..validation import check_int
 
 __all__ = [
     "PolyakEMAHook",
@@ -93,6 +94,12 @@ class PolyakEMAHook(EMAHook, Hook):
             the live model; 1.0 for the initial copy) is written to after every training
             iteration, once there is one. ``None``: no logging. Defaults to
             ``"train/ema_momentum"`` (shown as ``ema_momentum`` in the training log).
+        health_interval: every that many training iterations, the average's health report
+            (:meth:`polyak.BaseAveragedModel.health`) is written to ``message_hub`` as
+            ``train/ema_distance``, ``train/ema_moved`` and ``train/ema_horizon`` (smoothed in the log lines over
+            ``log_processor``'s window, as every scalar), and each problem it finds is warned
+            about once. ``"log"`` (the default): the ``LoggerHook``'s interval (10 if there is
+            none); ``None``: never (a report costs a pass over the weights and one host read).
     """
 
     priority = "NORMAL"
@@ -102,12 +109,22 @@ class PolyakEMAHook(EMAHook, Hook):
         ema_type: str | type[BaseAveragedModel] = "ExponentialMovingAverage",
         *args: Any,
         log_key: str | None = "train/ema_momentum",
+        health_interval: int | str | None = "log",
         **kwargs: Any,
     ) -> None:
         super().__init__(_resolve_ema_type(ema_type), *args, **kwargs)
         if log_key is not None and not isinstance(log_key, str):
             raise ValueError(f"log_key must be a string or None, got {log_key!r}")
         self.log_key = log_key
+        if health_interval is not None and health_interval != "log":
+            health_interval = check_int("health_interval", health_interval, 1)
+        self.health_interval = health_interval
+
+    def before_train(self, runner: Any) -> None:
+        super().before_train(runner)
+        if self.health_interval == "log":
+            loggers = [h for h in runner.hooks if isinstance(h, LoggerHook)]
+            self.health_interval = loggers[0].interval if loggers else 10
 
     def _unwrap(self, model: Any) -> Any:
         # mmengine's own wrappers (MMDistributedDataParallel, ...) first, as mmengine's EMAHook
@@ -120,6 +137,11 @@ class PolyakEMAHook(EMAHook, Hook):
         momentum = self.momentum
         if self.log_key is not None and momentum is not None:
             runner.message_hub.update_scalar(self.log_key, float(momentum))
+        every = self.health_interval
+        ready = self.ema_model is not None and self.ema_model.steps > 0  # begin_iter/begin_epoch reached
+        if isinstance(every, int) and ready and self.every_n_train_iters(runner, every):
+            for key, value in self.ema_model.health(self.src_model).scalars().items():  # type: ignore[union-attr]
+                runner.message_hub.update_scalar(f"train/ema_{key}", value)
 
 
 # -- registration ---------------------------------------------------------------------------------

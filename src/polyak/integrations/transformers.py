@@ -120,7 +120,10 @@ class AveragingCallback(TrainerCallback):
       underlying ``torch.optim.Optimizer.step`` (:class:`~polyak.hooks.OptimizerStepCounter`): a
       ``GradScaler`` that found inf/NaN gradients never calls it, or, for a fused optimizer,
       calls it with ``optimizer.found_inf`` set, which is read then.
-    * ``on_log``: adds ``"{name}_decay"`` (the decay of the latest update) to training logs.
+    * ``on_log``: adds ``"{name}_decay"`` (the decay of the latest update) and the average's
+      health report (:meth:`polyak.BaseAveragedModel.health`: ``"{name}_distance"``,
+      ``"{name}_moved"``, ``"{name}_horizon"``) to
+      training logs, and warns once about each problem the report finds.
     * ``on_save``, used without :class:`AveragingTrainerMixin`: writes the averaging state
       (:data:`AVERAGING_STATE_NAME`, polyak's checkpoint format) into the checkpoint directory,
       whose ``model.safetensors`` then holds the live weights. To resume, call
@@ -136,6 +139,8 @@ class AveragingCallback(TrainerCallback):
         primary: the average deployed as the model weights (checkpoints, ``save_model``).
             Defaults to the first.
         log_decay: add the decays to training logs. Defaults to True.
+        log_health: add the health reports to training logs (each costs a pass over the weights
+            and one host read, at ``logging_steps``). Defaults to True.
     """
 
     def __init__(
@@ -144,6 +149,7 @@ class AveragingCallback(TrainerCallback):
         *,
         primary: str | None = None,
         log_decay: bool = True,
+        log_health: bool = True,
     ) -> None:
         if averages is None:
             averages = {"ema": ExponentialMovingAverage}
@@ -165,6 +171,7 @@ class AveragingCallback(TrainerCallback):
         if self.primary not in self.factories:
             raise ValueError(f"primary {self.primary!r} is not one of the averages {names}")
         self.log_decay = bool(log_decay)
+        self.log_health = bool(log_health)
         #: The averages by name (empty until built).
         self.averages: dict[str, BaseAveragedModel] = {}
         self._model: nn.Module | None = None
@@ -213,6 +220,16 @@ class AveragingCallback(TrainerCallback):
                 out[f"{name}_decay"] = decay
         return out
 
+    def metric_logs(self) -> dict[str, float]:
+        """What :meth:`on_log` adds to a training log: :meth:`decay_logs` (with ``log_decay``)
+        and ``"{name}_{key}"`` for each number of each average's health report (with
+        ``log_health``)."""
+        out = self.decay_logs() if self.log_decay else {}
+        if self.log_health and self._model is not None:
+            for name, average in self.averages.items():
+                out.update({f"{name}_{k}": v for k, v in average.health(self._model).scalars().items()})
+        return out
+
     # -- training events ----------------------------------------------------------------------
 
     def on_train_begin(
@@ -253,9 +270,9 @@ class AveragingCallback(TrainerCallback):
             average.update_parameters(source)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
-        if not self.log_decay or logs is None or "loss" not in logs:
-            return
-        new = {k: v for k, v in self.decay_logs().items() if k not in logs}
+        if self._managed or logs is None or "loss" not in logs:
+            return  # AveragingTrainerMixin.log adds them before any callback sees the log
+        new = {k: v for k, v in self.metric_logs().items() if k not in logs}
         if not new:
             return
         logs.update(new)
@@ -368,7 +385,8 @@ class AveragingTrainerMixin:
       the live weights go back into the model and every average is restored, so training goes on
       exactly as if it had not stopped. A checkpoint without averaging state loads as usual and
       the averages start from its weights.
-    * ``log``: adds each average's decay to training logs before any callback sees them.
+    * ``log``: adds each average's decay and health report to training logs before any
+      callback sees them.
 
     Args (keywords, the rest go to the ``Trainer``):
         averages: an :class:`AveragingCallback`, or its ``averages`` argument.
@@ -472,8 +490,8 @@ class AveragingTrainerMixin:
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._polyak_evaluating:
             return  # one evaluation pass of several: evaluate() logs them together
-        if self.averaging.log_decay and "loss" in logs:
-            for key, value in self.averaging.decay_logs().items():
+        if "loss" in logs:
+            for key, value in self.averaging.metric_logs().items():
                 logs.setdefault(key, value)
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
