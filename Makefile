@@ -11,7 +11,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 # Extra flags for `polyak demo`, e.g. make demo DEMO_ARGS="--seed 1 --out docs/figures"
 DEMO_ARGS ?=
 
-.PHONY: install test lint bench clean demo
+.PHONY: install test lint bench bench-checkpoints clean demo
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/update_speed.py
 	$(PY) benchmarks/precision.py
 	$(PY) benchmarks/health.py
+
+# Averaging three 2.2 GB sharded checkpoints: peak memory and time, mergekit beside (about 2 min,
+# 12 GB of disk under /tmp; not part of `make test`).
+bench-checkpoints: $(STAMP)
+	$(PY) benchmarks/checkpoint_average.py
 
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/polyak demo $(DEMO_ARGS)

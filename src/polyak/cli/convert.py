@@ -27,13 +27,20 @@ def register(sub: Any) -> None:
             "'state_dict' = the averaged weights (a complete state dict), 'live_state_dict' = the live "
             "weights where the file has them, and the 'polyak' block with the record: class, schedule "
             "where the file says it, counters and steps. The format is detected (--format to force it). "
-            "torch_ema and diffusers save their tensors by position: --names-from names them."
+            "torch_ema and diffusers save their tensors by position: --names-from names them. The checkpoint "
+            "may be a torch.distributed.checkpoint or Hugging Face folder (read into memory: torch.save "
+            "writes the output whole)."
         ),
         epilog="examples:\n  polyak convert work_dirs/iter_1000.pth -o iter_1000.polyak.pt        # mmengine\n"
         "  polyak convert ema_state.pt --names-from model.pt -o ema.polyak.pt   # torch_ema, diffusers\n"
         "  polyak convert model_best.pth.tar -o best.polyak.pt --decay 0.9998    # timm (decay not saved)",
     )
-    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="the other library's checkpoint")
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        metavar="CKPT",
+        help="the other library's checkpoint: a file, or a torch.distributed.checkpoint or Hugging Face folder",
+    )
     p.add_argument("--out", "-o", required=True, type=Path, help="output file: .pt, .pth or .ckpt (torch.save)")
     p.add_argument(
         "--name",
@@ -67,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     inputs = [args.checkpoint] + ([args.names_from] if args.names_from else [])
     out = output_path(args.out, inputs, suffixes=CHECKPOINT_SUFFIXES)
-    _, found = find_average(args, args.checkpoint)
+    loaded, found = find_average(args, args.checkpoint)
     if found.format == "polyak":
         raise CLIError(f"{args.checkpoint} is already in polyak's format (use 'polyak export' for plain weights)")
     record = dict(found.record)
@@ -102,8 +109,18 @@ def run(args: argparse.Namespace) -> int:
         "key": found.key,
         "notes": list(found.notes),
     }
-    weights = {k: v for k, v in progress(args, list(found.weights.items()), desc="converting") if isinstance(v, Tensor)}
-    checkpoint = ckpt.pack_state({}, weights, {name: record}, live=found.live)
+    # torch.save needs every tensor: a folder's placeholders are read here (loaded.tensor), each once
+    cache: dict[int, Tensor] = {}
+
+    def data(v: Tensor) -> Tensor:
+        if id(v) not in cache:
+            cache[id(v)] = loaded.tensor(v)
+        return cache[id(v)]
+
+    items = progress(args, list(found.weights.items()), desc="converting")
+    weights = {k: data(v) for k, v in items if isinstance(v, Tensor)}
+    live = None if found.live is None else {k: data(v) if isinstance(v, Tensor) else v for k, v in found.live.items()}
+    checkpoint = ckpt.pack_state({}, weights, {name: record}, live=live)
     save_checkpoint(out, checkpoint)
     size = sum(t.numel() * t.element_size() for t in weights.values())
     if found.live is None:

@@ -28,11 +28,20 @@ def register(sub: Any) -> None:
             "Show the detected format, the number of tensors and their total size, the dtypes, the "
             "top-level keys, and for each average what it is in one line (an EMA and its decay, an SWA, "
             "an average of checkpoints, a post-hoc synthesis, ...) with the class, schedule and step count "
-            "where the file says them. Tensor data is not read (safetensors headers; .pt files are memory-mapped)."
+            "where the file says them. Tensor data is not read (safetensors headers; .pt files are memory-mapped; "
+            "a folder's index and headers, or a torch.distributed.checkpoint folder's .metadata, read without "
+            "running code from it; only tensors of at most 64 elements, such as step counters, are read)."
         ),
-        epilog="examples:\n  polyak inspect work_dirs/iter_1000.pth\n  polyak inspect ema.safetensors --json",
+        epilog="examples:\n  polyak inspect work_dirs/iter_1000.pth\n  polyak inspect ema.safetensors --json\n"
+        "  polyak inspect checkpoints/step-5000/    # a torch.distributed.checkpoint or Hugging Face folder",
     )
-    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="a .pt/.pth/.ckpt or .safetensors file")
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        metavar="CKPT",
+        help="a .pt/.pth/.ckpt or .safetensors file, a Hugging Face folder (or its index), or a "
+        "torch.distributed.checkpoint folder",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_io_options(p)
     p.set_defaults(run=run)
@@ -87,18 +96,20 @@ def describe(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     """What :func:`run` prints, as a dict (the ``--json`` output)."""
     from ..files import SafetensorsFile, is_state_dict, iter_tensors
     from .formats import identify
-    from .options import read
+    from .options import read_any
 
-    loaded = read(args, path, note=False, mmap=True, lazy_safetensors=True)
+    loaded = read_any(args, path, note=False, mmap=True, lazy_safetensors=True)
     obj = loaded.obj
     if isinstance(obj, SafetensorsFile):  # shapes from the header: no tensor data is read
         obj = {k: torch.empty(obj.shape(k), dtype=obj.dtype(k), device="meta") for k in obj.keys()}
         loaded.obj = obj
     tensors = list(iter_tensors(obj))
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for _, t in tensors)
+    reader = loaded.reader
+    files = reader.files() if reader is not None else [path]
     info: dict[str, Any] = {
         "file": str(path),
-        "file_bytes": path.stat().st_size,
+        "file_bytes": sum(f.stat().st_size for f in files),
         "read_with": loaded.loader,
         "placeholders": dict(loaded.replaced),
         "tensors": len(tensors),
@@ -106,6 +117,14 @@ def describe(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         "dtypes": dict(dtypes.most_common()),
         "top_level": {str(k): _describe_value(v) for k, v in obj.items()} if isinstance(obj, Mapping) else {},
     }
+    if reader is not None:
+        info["folder"] = {
+            "kind": reader.kind,
+            "files": [f.name for f in files],
+            "weights": reader.where,
+            "weight_tensors": len(reader.keys()),
+        }
+        reader.close()
     if loaded.metadata:
         info["metadata"] = dict(loaded.metadata)
     try:
@@ -125,11 +144,19 @@ def _text(info: dict[str, Any]) -> str:
     from .console import human_bytes, schedule_numbers
 
     lines = [f"file:       {info['file']} ({human_bytes(info['file_bytes'])})"]
+    folder = info.get("folder")
+    if folder:
+        kind = {"hf-folder": "Hugging Face folder", "dcp": "torch.distributed.checkpoint folder"}[folder["kind"]]
+        n = len(folder["files"])
+        shown_files = ", ".join(folder["files"][:4]) + (" ..." if n > 4 else "")
+        lines.append(f"folder:     {kind}, {n} file{'' if n == 1 else 's'} ({shown_files})")
+        lines.append(f"weights:    {folder['weight_tensors']} tensors, from {folder['weights']}")
     read_with = {
         "weights_only": "torch.load(weights_only=True)",
         "restricted": "restricted unpickler (other objects as inert placeholders)",
-        "safetensors": "safetensors header",
+        "safetensors": "safetensors header" + ("s" if folder else ""),
         "unsafe": "torch.load(weights_only=False) (--unsafe)",
+        "dcp": ".metadata through the restricted unpickler (no code run); tensor data not read",
     }[info["read_with"]]
     lines.append(f"read with:  {read_with}")
     if info["placeholders"]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import struct
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,15 +60,31 @@ def sniff(path: Path) -> str:
 
 @dataclass
 class Loaded:
-    """One file as read: ``obj`` (a dict of tensors for safetensors), how it was read
-    (``"safetensors"``, ``"weights_only"``, ``"restricted"`` or ``"unsafe"``), the globals that
-    became :class:`Opaque` placeholders, and a safetensors file's metadata."""
+    """One file (or folder) as read: ``obj`` (a dict of tensors for safetensors), how it was
+    read (``"safetensors"``, ``"weights_only"``, ``"restricted"``, ``"unsafe"``, or ``"dcp"``
+    for a ``torch.distributed.checkpoint`` folder), the globals that became :class:`Opaque`
+    placeholders, and a safetensors file's metadata."""
 
     path: Path
     obj: Any
     loader: str
     replaced: Counter[str] = field(default_factory=Counter)
     metadata: dict[str, str] | None = None
+    #: For a folder read as a tree of placeholders (:meth:`polyak.files.Weights.tree`): by
+    #: ``id`` of each placeholder, the function that reads its tensor (:meth:`tensor`).
+    origins: dict[int, Callable[[], Tensor]] = field(default_factory=dict)
+    #: The reader of a folder (:class:`polyak.files.Weights`), None for a file.
+    reader: Any = None
+
+    def tensor(self, t: Tensor) -> Tensor:
+        """``t`` with its data: ``t`` itself, or, for a placeholder on the ``meta`` device, the
+        tensor read from the folder."""
+        if t.device.type != "meta":
+            return t
+        read = self.origins.get(id(t))
+        if read is None:
+            raise FormatError(f"{shown(self.path)}: a tensor was not read from the checkpoint (a placeholder)")
+        return read()
 
     @property
     def note(self) -> str | None:

@@ -44,7 +44,14 @@ SAFETENSORS_DTYPES = {
 
 class SafetensorsFile:
     """A safetensors file read lazily: names, shapes and dtypes from the header, one tensor at
-    a time with :meth:`get` (``safe_open``)."""
+    a time.
+
+    :meth:`get` returns a tensor mapped from the file (``safe_open``): no copy, but the pages it
+    touches count in the process's resident size until the file is closed. :meth:`read` copies
+    the tensor's bytes with plain reads into a fresh tensor or a buffer the caller reuses, so
+    nothing of the file stays resident (what :func:`polyak.files.average_checkpoints` uses).
+    The header is checked by ``safe_open`` when the file is opened; no file handle or mapping is
+    kept between calls of :meth:`read`."""
 
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
@@ -52,12 +59,14 @@ class SafetensorsFile:
         self.path = check_input(path)
         try:
             with openable(self.path) as name:
-                self._handle = safe_open(name, framework="pt")
-            self.metadata: dict[str, str] = dict(self._handle.metadata() or {})
-            self._keys = list(self._handle.keys())
-            self._info = {k: self._handle.get_slice(k) for k in self._keys}
+                handle = safe_open(name, framework="pt")
+            self.metadata: dict[str, str] = dict(handle.metadata() or {})
+            self._keys = list(handle.keys())
+            self._info = {k: handle.get_slice(k) for k in self._keys}
         except Exception as e:  # safetensors raises its own error types for a damaged header
             raise FormatError(f"{shown(path)} is a damaged safetensors file: {first_line(e)}") from e
+        self._handle: Any = handle
+        self._offsets: dict[str, tuple[int, int]] | None = None
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -68,11 +77,69 @@ class SafetensorsFile:
     def dtype(self, key: str) -> torch.dtype:
         return SAFETENSORS_DTYPES.get(self._info[key].get_dtype(), torch.uint8)
 
+    def nbytes(self, key: str) -> int:
+        """The size of tensor ``key``'s data in bytes."""
+        return math.prod(self.shape(key)) * self.dtype(key).itemsize
+
     def get(self, key: str) -> Tensor:
+        """Tensor ``key``, mapped from the file (see the class docstring)."""
         try:
+            if self._handle is None:
+                from safetensors import safe_open
+
+                with openable(self.path) as name:
+                    self._handle = safe_open(name, framework="pt")
             return self._handle.get_tensor(key)
         except Exception as e:
             raise FormatError(f"{shown(self.path)}: tensor {shown(key)!r} could not be read: {first_line(e)}") from e
+
+    def read(self, key: str, out: Tensor | None = None) -> Tensor:
+        """Tensor ``key``, copied from the file with plain reads: into the start of ``out`` (a
+        contiguous ``uint8`` tensor of at least :meth:`nbytes` bytes, reused by the caller; the
+        result is a view of it) or into a new tensor. Raises :class:`FormatError` if the file
+        is shorter than its header says."""
+        shape, dtype = self.shape(key), self.dtype(key)
+        size = math.prod(shape) * dtype.itemsize
+        if out is None:
+            buffer = torch.empty(size, dtype=torch.uint8)
+        else:
+            if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < size or not out.is_contiguous():
+                raise ValueError(f"read(): out must be a contiguous uint8 tensor of at least {size} bytes")
+            buffer = out[:size]
+        if size:
+            start, end = self.offsets()[key]
+            if end - start != size:
+                raise FormatError(f"{shown(self.path)}: tensor {shown(key)!r} has {end - start} bytes, not {size}")
+            view = memoryview(buffer.numpy()).cast("B")
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(start)
+                done = 0
+                while done < size:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise FormatError(f"{shown(self.path)}: the file ends inside tensor {shown(key)!r}")
+                    done += n
+        if not size:
+            return torch.empty(shape, dtype=dtype)
+        return buffer.view(dtype).view(shape)
+
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """Where each tensor's bytes are in the file: ``name -> (start, end)``, from the header."""
+        if self._offsets is None:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            base = 8 + n
+            self._offsets = {
+                k: (base + int(v["data_offsets"][0]), base + int(v["data_offsets"][1]))
+                for k, v in header.items()
+                if k != "__metadata__"
+            }
+        return self._offsets
+
+    def close(self) -> None:
+        """Drop the mapping that :meth:`get` opened (tensors it returned stay valid)."""
+        self._handle = None
 
     def load_all(self) -> dict[str, Tensor]:
         return {k: self.get(k) for k in self._keys}

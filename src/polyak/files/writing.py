@@ -103,6 +103,14 @@ class AtomicDirectory:
         parent = self.path.parent if str(self.path.parent) else Path(".")
         parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(self.path, parent), suffix=".tmp", dir=parent))
+        # mkdtemp makes the folder 0o700; the folder put in place gets the old one's mode, or
+        # a new folder's (0o777 less the umask)
+        try:
+            mode = stat.S_IMODE(self.path.stat().st_mode)
+        except FileNotFoundError:
+            mode = 0o777 & ~_umask()
+        with contextlib.suppress(OSError):
+            os.chmod(self.tmp, mode)
 
     def commit(self) -> None:
         """Make the written folder the one at ``path``."""

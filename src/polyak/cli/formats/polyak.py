@@ -71,6 +71,9 @@ def read_export(obj: Any, ctx: Context) -> Found | None:
     weights = obj
     if meta is None and isinstance(obj, Mapping) and set(obj) == {"state_dict", "metadata"}:
         meta, weights = obj["metadata"], obj["state_dict"]
+    if isinstance(meta, Mapping) and meta.get("format") == "pt" and "polyak_format" in meta:
+        # a Hugging Face folder's shard: "format" is transformers' ("pt"), polyak's is beside it
+        meta = {**meta, "format": meta["polyak_format"]}
     if not isinstance(meta, Mapping) or not str(meta.get("format", "")).startswith("polyak-"):
         return None
     if not is_state_dict(weights):
