@@ -42,12 +42,19 @@ bench: $(STAMP)
 	$(PY) benchmarks/health.py
 
 # Averaging three 2.2 GB sharded checkpoints: peak memory and time, mergekit beside (about 2 min,
-# 12 GB of disk under /tmp; not part of `make test`).
-bench-checkpoints: $(STAMP)
-	$(PY) benchmarks/checkpoint_average.py
+# 12 GB of disk under /tmp; not part of `make test`). mergekit lives in a venv of its own.
+MERGE_VENV := .venv-merge
+$(MERGE_VENV)/.installed: pyproject.toml Makefile
+	test -x $(MERGE_VENV)/bin/python || $(PYTHON) -m venv $(MERGE_VENV)
+	$(MERGE_VENV)/bin/python -m pip install -q $(TORCH)
+	$(MERGE_VENV)/bin/python -m pip install -q "mergekit>=0.1.5" $(TORCH)
+	touch $@
+
+bench-checkpoints: $(STAMP) $(MERGE_VENV)/.installed
+	$(PY) benchmarks/checkpoint_average.py --mergekit-python $(MERGE_VENV)/bin/python
 
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/polyak demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(MERGE_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -19,7 +19,8 @@ run.
     python benchmarks/checkpoint_average.py [--dir /tmp/polyak-bench] [--layers 18] [--keep]
         [--mergekit-python PATH | --no-mergekit] [--json results.json]
 
-mergekit (``pip install "polyak[bench]"``, or any Python with mergekit, ``--mergekit-python``)
+mergekit (``pip install "polyak[merge]"``, or any Python with mergekit, ``--mergekit-python``;
+``make bench-checkpoints`` makes a venv of its own for it)
 runs ``mergekit-yaml`` with ``merge_method: linear``, ``normalize: true``, ``dtype: float32``,
 the same shard size, no tokenizer and no model card; its output is compared tensor by tensor
 with polyak's (max absolute difference).
@@ -295,7 +296,7 @@ def main() -> None:
 
     mergekit = None if args.no_mergekit else find_mergekit(args.mergekit_python)
     if mergekit is None:
-        results["mergekit"] = "not run: mergekit is not installed (pip install 'polyak[bench]' or --mergekit-python)"
+        results["mergekit"] = "not run: mergekit is not installed (pip install 'polyak[merge]' or --mergekit-python)"
     else:
         mk_out = args.dir / "mergekit-out"
         shutil.rmtree(mk_out, ignore_errors=True)
