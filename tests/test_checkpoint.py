@@ -132,6 +132,7 @@ def test_pack_layout_with_several_averages() -> None:
         "compensate_interval": True,
         "update_buffers": False,
         "dtype": "float32",
+        "health": None,  # no report read yet
         "weights": None,  # the primary's weights are under weights_key
     }
     w = recs["warmup"]

@@ -5,6 +5,7 @@ until the numbers are asked for."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -273,3 +274,56 @@ def test_an_average_cannot_report_against_itself(make_model) -> None:
     average = polyak.ExponentialMovingAverage(model)
     with pytest.raises(ValueError, match=r"health\(\) was given this average"):
         average.health(average)
+
+
+# -- stored in checkpoints, printed by inspect ------------------------------------------------
+
+
+def test_the_latest_report_read_is_saved_in_checkpoints_and_printed_by_inspect(make_model, tmp_path, capsys) -> None:
+    from polyak import checkpoint
+    from polyak.cli import main
+
+    model = make_model()
+    average = polyak.ExponentialMovingAverage(model, momentum=0.02)
+    assert average.last_health is None
+    for _ in sgd_run(model, 12):
+        average.update_parameters(model)
+    report = average.health(model)
+    assert average.last_health is None  # made, not read
+    v = report.values()
+    assert average.last_health == {k: v[k] for k in polyak.health.KEPT}
+    path = tmp_path / "ckpt.pt"
+    torch.save(checkpoint.pack({}, {"ema": average}, live=model.state_dict()), path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"health at step 12: distance {v['distance']:.6g}, moved 1, horizon 50" in out
+    assert "tensors 6 averaged, 3 copied, 0 skipped; no problems" in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    stored = json.loads(capsys.readouterr().out)["averages"][0]["averages"]["ema"]["health"]
+    assert stored["distance"] == pytest.approx(v["distance"]) and stored["problems"] == []
+    # loading ignores it
+    other = polyak.ExponentialMovingAverage(make_model(seed=3), momentum=0.02)
+    checkpoint.unpack(torch.load(path, weights_only=True), {"ema": other})
+    assert other.steps == 12 and other.last_health is None
+
+
+def test_inspect_prints_stored_problems_and_ignores_a_malformed_report(make_model, tmp_path, capsys) -> None:
+    from polyak import checkpoint
+    from polyak.cli import main
+
+    model = make_model()
+    average = polyak.ExponentialMovingAverage(model)
+    average.health(model, warn=False).values()  # never updated
+    ck = checkpoint.pack({}, {"ema": average}, live=model.state_dict())
+    path = tmp_path / "a.pt"
+    torch.save(ck, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "health at step 0: distance 0, moved 1; tensors 6 averaged" in out
+    assert "problem: the average was never updated" in out
+    ck["polyak"]["averages"]["ema"]["health"] = {"distance": "\x1b[31mred", "problems": [1, "x" * 1000], "steps": -1}
+    torch.save(ck, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "health: no numbers" in out
+    assert "problem: " + "x" * 300 + "\n" in out

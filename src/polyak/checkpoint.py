@@ -59,6 +59,9 @@ class Averaged(Protocol):
     @property
     def schedule(self) -> Schedule: ...
 
+    @property
+    def last_health(self) -> dict[str, Any] | None: ...
+
     def counters(self) -> dict[str, int]: ...
 
     def averaged_state_dict(self) -> dict[str, Tensor]: ...
@@ -94,6 +97,7 @@ def record(average: Averaged, *, weights: bool = True) -> dict[str, Any]:
         "compensate_interval": average.compensate_interval,
         "update_buffers": average.update_buffers,
         "dtype": _dtype_name(own),
+        "health": average.last_health,
         "weights": own if weights else None,
     }
 

@@ -88,7 +88,10 @@ class Health:
     #: problems known without reading the device, by kind
     known: dict[str, str] = field(default_factory=dict)
     owner: str = "average"
+    #: the average's memory of reports: the latest read is kept there (for checkpoints)
     watch: HealthWatch | None = None
+    #: warn about new kinds of problem through ``watch`` when read
+    warn: bool = True
     _read: dict[str, Any] | None = field(default=None, repr=False)
 
     def values(self) -> dict[str, Any]:
@@ -99,7 +102,9 @@ class Health:
         if self._read is None:
             self._read = self._evaluate()
             if self.watch is not None:
-                self.watch.warn(self.owner, self._read["kinds"])
+                self.watch.remember(self._read)
+                if self.warn:
+                    self.watch.warn(self.owner, self._read["kinds"])
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self._read.items() if k != "kinds"}
 
     def scalars(self) -> dict[str, float]:
@@ -166,7 +171,9 @@ class Health:
         }
 
 
-def measure(average: Averaged, model: nn.Module, *, owner: str = "average", watch: HealthWatch | None = None) -> Health:
+def measure(
+    average: Averaged, model: nn.Module, *, owner: str = "average", watch: HealthWatch | None = None, warn: bool = True
+) -> Health:
     """The :class:`Health` of ``average`` against the live ``model``: one pass over the averaged
     tensors of both on their device, a few float32 temporaries of one tensor at a time, no host
     synchronisation (the numbers are read by :meth:`Health.values`)."""
@@ -181,6 +188,7 @@ def measure(average: Averaged, model: nn.Module, *, owner: str = "average", watc
         horizon=average.interval / weight if weight else None,
         owner=owner,
         watch=watch,
+        warn=warn,
     )
     if average.steps == 0:
         report.known["never_updated"] = (
@@ -244,12 +252,23 @@ def _few(names: list[str], n: int = 4) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+#: The fields of a read report that an average keeps as :attr:`HealthWatch.last` (and
+#: :func:`polyak.checkpoint.record` saves as ``"health"``).
+KEPT = ("steps", "distance", "moved", "horizon", "averaged", "copied", "skipped", "problems")
+
+
 class HealthWatch:
     """What an average remembers between reports: the kinds of problem it has warned about
-    (each once)."""
+    (each once), and the latest report read."""
 
     def __init__(self) -> None:
         self.warned: set[str] = set()
+        #: the latest report read (:data:`KEPT` fields, plain numbers and strings), or None
+        self.last: dict[str, Any] | None = None
+
+    def remember(self, values: dict[str, Any]) -> None:
+        """Keep the :data:`KEPT` fields of a report just read."""
+        self.last = {k: (list(values[k]) if k == "problems" else values[k]) for k in KEPT}
 
     def warn(self, owner: str, problems: dict[str, str]) -> None:
         """Warn (:class:`UserWarning`) about each kind of problem not warned about before."""

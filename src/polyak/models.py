@@ -484,7 +484,16 @@ class BaseAveragedModel(nn.Module):
         >>> # print(ema.health(model))
         """
         self.check_model(model, "health")
-        return measure(self, model, owner=type(self).__name__, watch=self.health_watch if warn else None)
+        return measure(self, model, owner=type(self).__name__, watch=self.health_watch, warn=warn)
+
+    @property
+    def last_health(self) -> dict[str, Any] | None:
+        """The latest health report read (:meth:`health`, then :meth:`Health.values`): ``steps``,
+        ``distance``, ``moved``, ``horizon``, ``averaged``, ``copied``, ``skipped``,
+        ``problems``; saved in polyak's checkpoints and printed by ``polyak inspect``. None
+        before the first read."""
+        last = self.health_watch.last
+        return None if last is None else dict(last)
 
     @property
     def health_watch(self) -> HealthWatch:

@@ -203,3 +203,33 @@ def describe_average(record: Mapping[str, Any], name: str = "") -> str:
     if s:
         return f"an average with schedule {json.dumps(record.get('schedule'))}"
     return "an average whose schedule the file does not say"
+
+
+def health_summary(health: Any) -> dict[str, Any] | None:
+    """A stored health report (``record["health"]``) checked field by field: numbers that are
+    finite (or null), counts that are non-negative ints, at most 8 problems of at most 300
+    characters each; None when the record has none or it is not a mapping."""
+    if not isinstance(health, Mapping):
+        return None
+    out: dict[str, Any] = {}
+    for key in ("distance", "moved", "horizon"):
+        v = health.get(key)
+        out[key] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    for key in ("steps", "averaged", "copied", "skipped"):
+        v = health.get(key)
+        out[key] = v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+    problems = health.get("problems")
+    items = problems if isinstance(problems, list) else []
+    out["problems"] = [p[:300] for p in items[:8] if isinstance(p, str)]
+    return out
+
+
+def health_line(health: Mapping[str, Any]) -> str:
+    """One line for people from :func:`health_summary`'s dict."""
+    at = f" at step {health['steps']}" if health["steps"] is not None else ""
+    nums = [f"{k} {number(health[k])}" for k in ("distance", "moved", "horizon") if health[k] is not None]
+    counts = [f"{health[k]} {k}" for k in ("averaged", "copied", "skipped") if health[k] is not None]
+    text = f"health{at}: " + ", ".join(nums or ["no numbers"])
+    if counts:
+        text += "; tensors " + ", ".join(counts)
+    return text + ("; no problems" if not health["problems"] else f"; {len(health['problems'])} problem(s)")

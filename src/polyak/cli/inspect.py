@@ -65,7 +65,7 @@ def _describe_value(v: Any) -> str:
 
 
 def _average_info(found: Any) -> dict[str, Any]:
-    from .console import describe_average, schedule_summary
+    from .console import describe_average, health_summary, schedule_summary
 
     averages = {}
     for name, rec in found.records.items():
@@ -79,6 +79,7 @@ def _average_info(found: Any) -> dict[str, Any]:
             "interval": rec.get("interval"),
             "update_buffers": rec.get("update_buffers"),
             "dtype": rec.get("dtype"),
+            "health": health_summary(rec.get("health")),
             "primary": name == found.primary,
         }
     return {
@@ -141,7 +142,7 @@ def describe(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 
 
 def _text(info: dict[str, Any]) -> str:
-    from .console import human_bytes, schedule_numbers
+    from .console import health_line, human_bytes, schedule_numbers
 
     lines = [f"file:       {info['file']} ({human_bytes(info['file_bytes'])})"]
     folder = info.get("folder")
@@ -191,6 +192,9 @@ def _text(info: dict[str, Any]) -> str:
                 details.append(f"steps {r['steps']}")
             if details:
                 lines.append("    " + ", ".join(details))
+            if r.get("health"):
+                lines.append("    " + health_line(r["health"]))
+                lines += [f"      problem: {p}" for p in r["health"]["problems"]]
         if a["needs"]:
             lines.append(f"  note: {a['needs']}")
         lines += [f"  note: {n}" for n in a["notes"]]
