@@ -67,6 +67,7 @@ _SUBMODULES = frozenset(
         "distributed",
         "engine",
         "files",
+        "gpu",
         "health",
         "hooks",
         "integrations",

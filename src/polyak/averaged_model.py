@@ -81,7 +81,8 @@ class AveragedModel(BaseAveragedModel):
             ``schedule``).
         use_buffers: average floating buffers too (torch's name for ``update_buffers``).
         schedule: a :class:`~polyak.schedules.Schedule`; default: equal average (SWA).
-        interval, dtype, compensate_interval, rounding: as :class:`~polyak.BaseAveragedModel`.
+        interval, dtype, compensate_interval, rounding,
+            side_stream: as :class:`~polyak.BaseAveragedModel`.
         include, exclude, filter, trainable_only, frozen: what is averaged (above). A
             selection that leaves nothing to average is a :class:`ValueError`.
 
@@ -105,6 +106,7 @@ class AveragedModel(BaseAveragedModel):
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
         rounding: str = "nearest",
+        side_stream: bool = False,
         include: str | Sequence[str] | None = None,
         exclude: str | Sequence[str] | None = None,
         filter: Filter | None = None,
@@ -133,7 +135,12 @@ class AveragedModel(BaseAveragedModel):
         self.avg_fn = None if known else avg_fn
         self.multi_avg_fn = None if known else multi_avg_fn
         self.use_buffers = bool(use_buffers)
-        options = {"dtype": dtype, "compensate_interval": compensate_interval, "rounding": rounding}
+        options = {
+            "dtype": dtype,
+            "compensate_interval": compensate_interval,
+            "rounding": rounding,
+            "side_stream": side_stream,
+        }
         super().__init__(model, interval, device, use_buffers, **options)
 
     # -- what is averaged -----------------------------------------------------------------

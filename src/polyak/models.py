@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .engine import AveragingEngine, Weight, flatten_tensors_
+from .gpu import side_stream_for
 from .health import Health, HealthWatch, measure, stall_ratio
 from .interrupts import HeldInterrupts
 from .registry import Registry
@@ -177,6 +178,14 @@ class BaseAveragedModel(nn.Module):
             that it keeps moving where a round-to-nearest bfloat16 average stalls (a run and its
             resume round alike: the rounding is seeded by ``steps``). See docs/averaging.md,
             "Precision". Defaults to ``"nearest"``.
+        side_stream: on a CUDA average, enqueue the averaging kernels on a side stream that
+            waits for the current one, so the update overlaps with the next forward pass; the
+            training stream waits for it (on the device) before the next optimizer step and
+            before the average is read or written (:class:`polyak.gpu.SideStream`). Buffers
+            that are copied rather than averaged are copied on the current stream first, so
+            the forward's writes to them (BatchNorm statistics) cannot race with the update;
+            averaged buffers (``update_buffers=True``) could, and are refused. On a CPU average
+            the update runs inline, as without it. Defaults to False.
         **schedule_args: for presets: the arguments of ``schedule_type``, checked before the
             model is copied and kept as attributes (``self.momentum``: changing one takes
             effect at the next update).
@@ -199,6 +208,7 @@ class BaseAveragedModel(nn.Module):
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
         rounding: str = "nearest",
+        side_stream: bool = False,
         **schedule_args: Any,
     ) -> None:
         super().__init__()
@@ -239,6 +249,16 @@ class BaseAveragedModel(nn.Module):
         self._last_momentum: float | None = None
         self._engine = self._make_engine()
         self._engine.target_state()  # nothing to average is an error now, not at the first update
+        self.side_stream = bool(side_stream)
+        if self.side_stream and any(
+            e.is_buffer and self._engine.kind(e) == "avg" for e in self._engine.target_state().values()
+        ):
+            raise ValueError(
+                "side_stream=True with update_buffers=True: the next forward writes the averaged buffers "
+                "(BatchNorm statistics) in place while the side stream reads them; use update_buffers=False "
+                "(the buffers are then copied on the current stream) or side_stream=False"
+            )
+        self._side = side_stream_for(self.module) if self.side_stream else None
         self._watch = HealthWatch()
         self._register_state_dict_hook(_drop_skipped)
 
@@ -356,6 +376,8 @@ class BaseAveragedModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the averaged model."""
+        if self._side is not None:
+            self._side.wait()
         return self.module(*args, **kwargs)
 
     def update_parameters(self, model: nn.Module) -> None:
@@ -383,6 +405,9 @@ class BaseAveragedModel(nn.Module):
         self.check_model(model)
         kind = update.kind
         if kind == "average":
+            if self._side is not None:
+                self._side_average(model, update.weight, self._steps)  # type: ignore[arg-type]
+                return
             self._engine.average_(model, update.weight, step=self._steps)  # type: ignore[arg-type]
         elif kind == "copy":
             self._engine.copy_(model, "all")
@@ -392,6 +417,20 @@ class BaseAveragedModel(nn.Module):
             self.apply_custom_rule(model, self._steps)
         else:
             raise ValueError(f"unknown update kind {kind!r}")
+
+    def _side_average(self, model: nn.Module, weight: Weight, step: int | None) -> None:
+        """An averaging update with ``side_stream``: the copied tensors on the current stream,
+        the averaging kernels on the side stream."""
+        self._engine.copy_(model, "copy")
+        self._side.average_(self._engine, model, weight, step)  # type: ignore[union-attr]
+
+    def wait(self) -> None:
+        """With ``side_stream``: make the current CUDA stream wait (on the device) for the
+        latest update enqueued on the side stream. Every method of the average that reads or
+        writes it does this itself; call it before using ``.module``'s tensors directly. Does
+        nothing otherwise."""
+        if self._side is not None:
+            self._side.wait()
 
     def commit_update(self, update: Update) -> None:
         """Count an applied update: ``steps += 1`` (unless it does not count) and remember its
@@ -455,13 +494,17 @@ class BaseAveragedModel(nn.Module):
 
     @property
     def engine(self) -> AveragingEngine:
-        """The engine that updates ``.module`` (for :func:`polyak.engine.average_many_`)."""
+        """The engine that updates ``.module`` (for :func:`polyak.engine.average_many_`). With
+        ``side_stream``, the current stream first waits for the side stream's latest update:
+        whoever drives the engine (:class:`~polyak.AverageGroup`) works on the current stream."""
+        self.wait()
         return self._engine
 
     def pairs(self, model: nn.Module) -> Iterator[tuple[str, str, Tensor, Tensor]]:
         """``(name, kind, averaged tensor, model tensor)`` for every tensor matched with
         ``model`` (names without wrapper prefixes; kind ``"avg"`` or ``"copy"``; for a sharded
         model, the local shards)."""
+        self.wait()
         return iter(self._engine.pairs(model))
 
     def tensor_kinds(self) -> dict[str, str]:
@@ -484,6 +527,7 @@ class BaseAveragedModel(nn.Module):
         >>> # print(ema.health(model))
         """
         self.check_model(model, "health")
+        self.wait()
         return measure(self, model, owner=type(self).__name__, watch=self.health_watch, warn=warn)
 
     @property
@@ -533,18 +577,23 @@ class BaseAveragedModel(nn.Module):
             weight = check_number("weight", weight, 0.0, 1.0)
         self._check_not_swapped("average_")
         self.check_model(model, "average_")
+        if self._side is not None:
+            self._side_average(model, weight, None)
+            return
         self._engine.average_(model, weight)
 
     def sync_parameters(self, model: nn.Module) -> None:
         """Copy every parameter and buffer of ``model`` into the average (mmagic's name)."""
         self._check_not_swapped("sync_parameters")
         self.check_model(model, "sync_parameters")
+        self.wait()
         self._engine.copy_(model, "all")
 
     def sync_buffers(self, model: nn.Module) -> None:
         """Copy every buffer of ``model`` into the average (mmagic's name)."""
         self._check_not_swapped("sync_buffers")
         self.check_model(model, "sync_buffers")
+        self.wait()
         self._engine.copy_(model, "buffers")
 
     # -- using the average ----------------------------------------------------------------
@@ -591,6 +640,7 @@ class BaseAveragedModel(nn.Module):
                 "before swapping the average in"
             )
         self._reshard(model)
+        self.wait()
         binding = self._engine.bind(model)
         pairs = [(a, b) for _, kind, a, b in self._engine.pairs(model) if kind == "avg"]
         exact = all(a.dtype == b.dtype for a, b in pairs)
@@ -665,6 +715,7 @@ class BaseAveragedModel(nn.Module):
         self._check_not_swapped("copy_to")
         self.check_model(model, "copy_to")
         self._reshard(model)
+        self.wait()
         self._engine.write_to_(model, "all")
 
     def _reshard(self, model: nn.Module) -> None:
@@ -689,6 +740,7 @@ class BaseAveragedModel(nn.Module):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         self._check_not_swapped("state_dict")
+        self.wait()
         for k, v in self.counters().items():
             destination[prefix + k] = torch.tensor(v, dtype=torch.long)
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -729,6 +781,7 @@ class BaseAveragedModel(nn.Module):
             raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t" + "\n\t".join(errors))
 
         def apply() -> None:
+            self.wait()
             _copy_into(own, {k: v for k, v in sd.items() if k in own and k not in counters})
             self.load_counters({k: int(sd[k]) for k in counters if k in sd})
 
@@ -782,6 +835,7 @@ class BaseAveragedModel(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> BaseAveragedModel:
         # Tensors shared with the model (frozen="skip") are the model's: leave them alone.
+        self.wait()
         shared = [(owner, key, owner.pop(key)) for owner, key in self._shared_slots()]
         try:
             out = super()._apply(fn, recurse)
@@ -790,6 +844,8 @@ class BaseAveragedModel(nn.Module):
                 owner[key] = t
             self._engine.invalidate()
             self.__dict__.pop("_coarse", None)  # the dtypes may have changed
+            if self.__dict__.get("side_stream"):
+                self._side = side_stream_for(self.module)  # the device may have changed
         return out
 
     def _shared_slots(self) -> list[tuple[dict, str]]:
@@ -807,12 +863,15 @@ class BaseAveragedModel(nn.Module):
         state = self.__dict__.copy()
         state["_engine"] = None
         state["_accepted"] = None
+        state["_side"] = None  # a CUDA stream is not pickled: made again on load
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         _AVERAGE_MODULES.add(self.module)
         self._engine = self._make_engine()
+        self.__dict__.setdefault("side_stream", False)  # an average pickled before the option existed
+        self._side = side_stream_for(self.module) if self.side_stream else None
 
     def extra_repr(self) -> str:
         try:

@@ -54,8 +54,8 @@ class ExponentialMovingAverage(BaseAveragedModel):
     :math:`1 - (1 - m)^k`, so the half-life stays the same in steps.
 
     Args:
-        model, interval, device, update_buffers, dtype, compensate_interval, rounding: as
-            :class:`~polyak.BaseAveragedModel`.
+        model, interval, device, update_buffers, dtype, compensate_interval, rounding,
+            side_stream: as :class:`~polyak.BaseAveragedModel`.
         momentum: in :math:`[0, 1]`; a value above 0.5 (likely a decay passed as a
             momentum) gives a :class:`~polyak.validation.ConventionWarning`. Defaults to 0.0002.
     """
@@ -73,10 +73,16 @@ class ExponentialMovingAverage(BaseAveragedModel):
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
         rounding: str = "nearest",
+        side_stream: bool = False,
     ) -> None:
         if momentum is None:  # ConstantMomentum(None) would read it as "not given"
             raise ValueError("momentum must be a number, got None")
-        options = {"dtype": dtype, "compensate_interval": compensate_interval, "rounding": rounding}
+        options = {
+            "dtype": dtype,
+            "compensate_interval": compensate_interval,
+            "rounding": rounding,
+            "side_stream": side_stream,
+        }
         super().__init__(model, interval, device, update_buffers, momentum=momentum, **options)
 
 
@@ -87,8 +93,8 @@ class MomentumAnnealingEMA(ExponentialMovingAverage):
     steps with ``gamma=100``.
 
     Args:
-        model, momentum, interval, device, update_buffers, dtype, compensate_interval, rounding: as
-            :class:`ExponentialMovingAverage`.
+        model, momentum, interval, device, update_buffers, dtype, compensate_interval, rounding,
+            side_stream: as :class:`ExponentialMovingAverage`.
         gamma: > 0. Defaults to 100.
     """
 
@@ -106,8 +112,14 @@ class MomentumAnnealingEMA(ExponentialMovingAverage):
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
         rounding: str = "nearest",
+        side_stream: bool = False,
     ) -> None:
-        options = {"dtype": dtype, "compensate_interval": compensate_interval, "rounding": rounding}
+        options = {
+            "dtype": dtype,
+            "compensate_interval": compensate_interval,
+            "rounding": rounding,
+            "side_stream": side_stream,
+        }
         BaseAveragedModel.__init__(
             self, model, interval, device, update_buffers, momentum=momentum, gamma=gamma, **options
         )
@@ -136,8 +148,8 @@ class RampUpEMA(BaseAveragedModel):
     batches.
 
     Args:
-        model, interval, device, update_buffers, dtype, compensate_interval, rounding: as
-            :class:`~polyak.BaseAveragedModel`.
+        model, interval, device, update_buffers, dtype, compensate_interval, rounding,
+            side_stream: as :class:`~polyak.BaseAveragedModel`.
         ema_kimg: half-life in thousands of images. Defaults to 10.
         ema_rampup: ramp-up ratio, or None. Defaults to 0.05.
         batch_size: global batch size. Defaults to 32.
@@ -163,10 +175,16 @@ class RampUpEMA(BaseAveragedModel):
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
         rounding: str = "nearest",
+        side_stream: bool = False,
     ) -> None:
         start = check_int("start_iter", start_iter, 0)
         rampup = {"ema_kimg": ema_kimg, "ema_rampup": ema_rampup, "batch_size": batch_size, "eps": eps}
-        options = {"dtype": dtype, "compensate_interval": compensate_interval, "rounding": rounding}
+        options = {
+            "dtype": dtype,
+            "compensate_interval": compensate_interval,
+            "rounding": rounding,
+            "side_stream": side_stream,
+        }
         super().__init__(model, interval, device, update_buffers, **options, **rampup)
         self.start_iter = start
         self._start_calls = 0
@@ -209,8 +227,8 @@ class CosineEMA(ExponentialMovingAverage):
     :class:`ValueError`.
 
     Args:
-        model, interval, device, update_buffers, dtype, compensate_interval, rounding: as
-            :class:`~polyak.BaseAveragedModel`.
+        model, interval, device, update_buffers, dtype, compensate_interval, rounding,
+            side_stream: as :class:`~polyak.BaseAveragedModel`.
         momentum: start momentum, in [0, 1]. Defaults to 0.004.
         end_momentum: end momentum, in [0, 1]. Defaults to 0.
         max_steps: the step at which ``end_momentum`` is reached.
@@ -232,8 +250,14 @@ class CosineEMA(ExponentialMovingAverage):
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
         rounding: str = "nearest",
+        side_stream: bool = False,
     ) -> None:
-        options = {"dtype": dtype, "compensate_interval": compensate_interval, "rounding": rounding}
+        options = {
+            "dtype": dtype,
+            "compensate_interval": compensate_interval,
+            "rounding": rounding,
+            "side_stream": side_stream,
+        }
         cosine = {"momentum": momentum, "end_momentum": end_momentum, "max_steps": max_steps}
         BaseAveragedModel.__init__(self, model, interval, device, update_buffers, **options, **cosine)
 
@@ -260,8 +284,8 @@ class ExpMomentumEMA(ExponentialMovingAverage):
     preset of :class:`~polyak.schedules.ExpMomentum`.
 
     Args:
-        model, momentum, interval, device, update_buffers, dtype, compensate_interval, rounding: as
-            :class:`ExponentialMovingAverage`.
+        model, momentum, interval, device, update_buffers, dtype, compensate_interval, rounding,
+            side_stream: as :class:`ExponentialMovingAverage`.
         gamma: > 0. Defaults to 2000.
     """
 
@@ -279,8 +303,14 @@ class ExpMomentumEMA(ExponentialMovingAverage):
         dtype: torch.dtype | None = None,
         compensate_interval: bool = True,
         rounding: str = "nearest",
+        side_stream: bool = False,
     ) -> None:
-        options = {"dtype": dtype, "compensate_interval": compensate_interval, "rounding": rounding}
+        options = {
+            "dtype": dtype,
+            "compensate_interval": compensate_interval,
+            "rounding": rounding,
+            "side_stream": side_stream,
+        }
         BaseAveragedModel.__init__(
             self, model, interval, device, update_buffers, momentum=momentum, gamma=gamma, **options
         )
