@@ -1,22 +1,38 @@
-"""Time one averaging update: polyak against its peers and against the memory-bound limit.
+"""Time one averaging update: polyak against its peers and against the memory-bound limit, on an
+idle machine and on one shared with a busy process.
 
 The limit is one ``lerp_`` over a single contiguous buffer holding as many elements as the
 averaged tensors: the least any EMA update of the same bytes can cost. Every timed update is
 followed at once by a timed limit, so drifts in memory bandwidth cancel in the ratio.
 
-    python benchmarks/update_speed.py [--device cpu|cuda] [--repeats 15] [--models resnet50,vit_b,small2000]
+Conditions: ``idle``, and ``loaded``: a second process spinning on one core (pinned to the last
+one), started before and stopped after those measurements by this script. Each condition is
+measured at every thread count of ``--threads``.
 
-Peers: torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn, mmengine
+    python benchmarks/update_speed.py [--repeats 15] [--runs 2] [--threads 1,2]
+        [--conditions idle,loaded] [--models resnet50,vit_b,small2000,layers2000]
+        [--json out.json] [--png out.png]
+
+Methods: polyak (``ExponentialMovingAverage``), polyak flat (after ``flatten_parameters``), one
+plain ``torch._foreach_lerp_`` over the same tensors (the multi-tensor baseline, no
+bookkeeping), torch.optim.swa_utils.AveragedModel with get_ema_multi_avg_fn, mmengine
 ExponentialMovingAverage (mmengine-lite), ema-pytorch EMA(use_foreach=True). timm is not
-installed beside torch 2.13 here (it pulls another torch build), so it prints "n/a".
+installed beside torch 2.13 here (it pulls another torch build).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -24,6 +40,9 @@ from torch import nn
 import polyak
 
 DECAY = 0.999
+#: Updates before timing polyak: the first copies, the next explore the CPU plans (at most 6
+#: candidates x 2 rounds, polyak.tuning).
+WARMUP_UPDATES = 16
 
 
 # -- models --------------------------------------------------------------------------------
@@ -77,7 +96,24 @@ def small2000() -> nn.Module:
     return model
 
 
-MODELS: dict[str, Callable[[], nn.Module]] = {"resnet50": resnet50, "vit_b": vit_b, "small2000": small2000}
+def layers2000() -> nn.Module:
+    """1000 ``Linear(50, 50)``: 2000 small tensors of two sizes (2500 and 50), as a model's
+    weights and biases are."""
+    return nn.Sequential(*[nn.Linear(50, 50) for _ in range(1000)])
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "resnet50": resnet50,
+    "vit_b": vit_b,
+    "small2000": small2000,
+    "layers2000": layers2000,
+}
+LABELS = {
+    "resnet50": "ResNet-50 (25.6M, 161 tensors)",
+    "vit_b": "ViT-B/16 (86.6M, 152 tensors)",
+    "small2000": "2,000 × 2,500 elements (5M)",
+    "layers2000": "1,000 Linear(50, 50): 2,000 tensors of 2,500 and 50",
+}
 
 
 # -- contestants: each returns an update function ------------------------------------------
@@ -85,13 +121,22 @@ MODELS: dict[str, Callable[[], nn.Module]] = {"resnet50": resnet50, "vit_b": vit
 
 def make_polyak(model: nn.Module) -> Callable[[], None]:
     ema = polyak.ExponentialMovingAverage(model, momentum=1 - DECAY)
-    ema.update_parameters(model)
+    for _ in range(WARMUP_UPDATES):  # the copy, then the CPU plan's exploration (polyak.tuning)
+        ema.update_parameters(model)
     return lambda: ema.update_parameters(model)
 
 
 def make_polyak_flat(model: nn.Module) -> Callable[[], None]:
     polyak.flatten_parameters(model)
     return make_polyak(model)
+
+
+def make_foreach(model: nn.Module) -> Callable[[], None]:
+    """The multi-tensor baseline: one ``_foreach_lerp_`` from the model's parameters into
+    separate copies of them, nothing else."""
+    src = [p.detach() for p in model.parameters()]
+    dst = [p.clone() for p in src]
+    return lambda: torch._foreach_lerp_(dst, src, 1 - DECAY)
 
 
 def make_torch(model: nn.Module) -> Callable[[], None]:
@@ -131,10 +176,32 @@ def make_ema_pytorch(model: nn.Module) -> Callable[[], None]:
 PEERS: dict[str, Callable[[nn.Module], Callable[[], None]]] = {
     "polyak": make_polyak,
     "polyak flat": make_polyak_flat,
+    "foreach lerp": make_foreach,
     "torch AveragedModel": make_torch,
     "mmengine EMA": make_mmengine,
     "ema-pytorch EMA": make_ema_pytorch,
 }
+
+
+# -- load -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def competing_load(enabled: bool) -> Iterator[str]:
+    """With ``enabled``, a second Python process spinning on the last core for the block."""
+    if not enabled:
+        yield "idle"
+        return
+    cpu = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    code = f"import os\nif {cpu!r} is not None: os.sched_setaffinity(0, {{{cpu!r}}})\nwhile True: pass\n"
+    spinner = subprocess.Popen([sys.executable, "-c", code])
+    atexit.register(spinner.kill)
+    time.sleep(0.5)  # let it start spinning
+    try:
+        yield "loaded"
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 # -- timing ---------------------------------------------------------------------------------
@@ -153,14 +220,14 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def measure(name: str, model_fn: Callable[[], nn.Module], peer: str, device: torch.device, repeats: int) -> dict:
+def measure(model_fn: Callable[[], nn.Module], peer: str, device: torch.device, repeats: int) -> dict:
     torch.manual_seed(0)
     model = model_fn().to(device)
     numel = sum(p.numel() for p in model.parameters())
     try:
         update = PEERS[peer](model)
     except ImportError as e:
-        return {"peer": peer, "error": f"n/a ({e.name} not installed)"}
+        return {"error": f"n/a ({e.name} not installed)"}
     limit_a = torch.randn(numel, device=device)
     limit_b = torch.randn(numel, device=device)
 
@@ -170,13 +237,18 @@ def measure(name: str, model_fn: Callable[[], nn.Module], peer: str, device: tor
     for _ in range(3):
         update()
         limit()
-    times, ratios = [], []
+    times, limits, ratios = [], [], []
     for _ in range(repeats):
         t_upd = _timed(update, device)
         t_lim = _timed(limit, device)
         times.append(t_upd)
+        limits.append(t_lim)
         ratios.append(t_upd / t_lim)
-    return {"peer": peer, "median_ms": 1e3 * statistics.median(times), "ratio": statistics.median(ratios)}
+    return {
+        "median_ms": 1e3 * statistics.median(times),
+        "limit_ms": 1e3 * statistics.median(limits),
+        "ratio": statistics.median(ratios),
+    }
 
 
 def measure_group(model_fn: Callable[[], nn.Module], n: int, device: torch.device, repeats: int) -> dict:
@@ -203,47 +275,138 @@ def measure_group(model_fn: Callable[[], nn.Module], n: int, device: torch.devic
     return {"separate_ms": 1e3 * statistics.median(t_sep), "group_ms": 1e3 * statistics.median(t_grp)}
 
 
+def combine(runs: list[dict]) -> dict:
+    """The median over independent runs, and the spread of the ratio between them."""
+    if "error" in runs[0]:
+        return runs[0]
+    ratio = statistics.median(r["ratio"] for r in runs)
+    rs = [r["ratio"] for r in runs]
+    return {
+        "median_ms": statistics.median(r["median_ms"] for r in runs),
+        "limit_ms": statistics.median(r["limit_ms"] for r in runs),
+        "ratio": ratio,
+        "spread": (max(rs) - min(rs)) / ratio,
+    }
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def table(results: list[dict], condition: str, peers: list[str]) -> str:
+    rows = [r for r in results if r["condition"] == condition]
+    head = "| model | threads | " + " | ".join(peers) + " |"
+    lines = [head, "|---|---:|" + "---|" * len(peers)]
+    keys = sorted({(r["model"], r["threads"]) for r in rows}, key=lambda k: (list(MODELS).index(k[0]), k[1]))
+    for model, threads in keys:
+        cells = []
+        for peer in peers:
+            r = next(x for x in rows if x["model"] == model and x["threads"] == threads and x["method"] == peer)
+            cells.append(r["error"] if "error" in r else f"{r['median_ms']:.2f} ms, {r['ratio']:.2f}×")
+        lines.append(f"| {LABELS[model]} | {threads} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], peers: list[str], path: str) -> None:
+    """Ratio to the limit per method and model: one panel per (condition, threads)."""
+    from matplotlib.figure import Figure
+
+    panels = sorted({(r["condition"], r["threads"]) for r in results}, key=lambda k: (k[0] != "idle", k[1]))
+    models = [m for m in MODELS if any(r["model"] == m for r in results)]
+    fig = Figure(figsize=(5.2 * len(panels), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    width = 0.8 / len(peers)
+    for ax, (condition, threads) in zip(axes, panels, strict=True):
+        for j, peer in enumerate(peers):
+            xs, ys = [], []
+            for i, model in enumerate(models):
+                r = next(
+                    (
+                        x
+                        for x in results
+                        if (x["condition"], x["threads"], x["model"], x["method"]) == (condition, threads, model, peer)
+                    ),
+                    None,
+                )
+                if r is not None and "ratio" in r:
+                    xs.append(i + (j - (len(peers) - 1) / 2) * width)
+                    ys.append(r["ratio"])
+            ax.bar(xs, ys, width, label=peer)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(models)), [m for m in models], rotation=20)
+        ax.set_title(f"{condition}, {threads} thread{'s' if threads > 1 else ''}")
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0].set_ylabel("update time / one flat lerp_ (log)")
+    axes[-1].legend(fontsize=7, loc="upper right")
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--runs", type=int, default=2, help="independent runs, to report the spread")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--peers", default=",".join(PEERS))
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--threads", default="1,2", help="torch intra-op thread counts to measure")
+    ap.add_argument("--conditions", default="idle,loaded")
     ap.add_argument("--group", type=int, default=2, help="N averages updated together vs separately (0: skip)")
+    ap.add_argument("--json", help="write every number to this file")
+    ap.add_argument("--png", help="draw the ratios to the limit into this file (needs matplotlib)")
     args = ap.parse_args()
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, decay {DECAY}")
-    for name in args.models.split(","):
-        model = MODELS[name]()
-        n = sum(p.numel() for p in model.parameters())
-        print(f"\n## {name}: {n / 1e6:.1f}M parameters in {len(list(model.parameters()))} tensors")
-        del model
-        rows: dict[str, list[dict]] = {}
-        for _ in range(args.runs):
-            for peer in args.peers.split(","):
-                rows.setdefault(peer, []).append(measure(name, MODELS[name], peer, device, args.repeats))
-        print(f"| {'method':<22} | {'update (ms)':>11} | {'x limit':>8} | {'spread':>7} |")
-        print(f"|{'-' * 24}|{'-' * 13}|{'-' * 10}|{'-' * 9}|")
-        for peer, results in rows.items():
-            if "error" in results[0]:
-                print(f"| {peer:<22} | {results[0]['error']:>32} |")
-                continue
-            ms = statistics.median(r["median_ms"] for r in results)
-            ratio = statistics.median(r["ratio"] for r in results)
-            rs = [r["ratio"] for r in results]
-            spread = (max(rs) - min(rs)) / ratio
-            print(f"| {peer:<22} | {ms:>11.2f} | {ratio:>8.2f} | {spread:>6.1%} |")
-        print(f"| {'timm ModelEmaV3':<22} | {'n/a (not installable beside torch 2.13)':>32} |")
-        if args.group:
-            g = measure_group(MODELS[name], args.group, device, args.repeats)
-            print(
-                f"{args.group} EMAs of this model: {g['separate_ms']:.2f} ms as separate updates, "
-                f"{g['group_ms']:.2f} ms as one AverageGroup update ({g['separate_ms'] / g['group_ms']:.2f}x)"
-            )
+    peers = args.peers.split(",")
+    models = args.models.split(",")
+    threads_list = [int(t) for t in args.threads.split(",")]
+    conditions = args.conditions.split(",")
+    if device.type != "cpu" and "loaded" in conditions:
+        conditions.remove("loaded")  # a competing CPU process says nothing about a GPU
+    print(
+        f"torch {torch.__version__}, device {device}, {os.cpu_count()} CPUs, "
+        f"threads {threads_list}, conditions {conditions}, decay {DECAY}"
+    )
+    results: list[dict] = []
+    groups: list[dict] = []
+    for condition in conditions:
+        with competing_load(condition == "loaded"):
+            for threads in threads_list:
+                torch.set_num_threads(threads)
+                for name in models:
+                    runs: dict[str, list[dict]] = {p: [] for p in peers}
+                    for _ in range(args.runs):
+                        for peer in peers:
+                            runs[peer].append(measure(MODELS[name], peer, device, args.repeats))
+                    for peer in peers:
+                        row = {"condition": condition, "threads": threads, "model": name, "method": peer}
+                        results.append(row | combine(runs[peer]))
+                    if args.group and condition == "idle" and threads == max(threads_list):
+                        g = measure_group(MODELS[name], args.group, device, args.repeats)
+                        groups.append({"model": name, "threads": threads, "n": args.group} | g)
+                    print(f"  measured {condition}, {threads} thread(s), {name}", flush=True)
+    for condition in conditions:
+        print(f"\n### {condition} (update time, then ratio to one flat lerp_ over the same bytes)\n")
+        print(table(results, condition, peers))
+    for g in groups:
+        print(
+            f"\n{g['n']} EMAs of {g['model']}: {g['separate_ms']:.2f} ms as separate updates, "
+            f"{g['group_ms']:.2f} ms as one AverageGroup update ({g['separate_ms'] / g['group_ms']:.2f}x)"
+        )
+    machine = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "device": str(device),
+        "repeats": args.repeats,
+        "runs": args.runs,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "results": results, "groups": groups}, f, indent=1)
+        print(f"\nwrote {args.json}")
+    if args.png:
+        plot(results, peers, args.png)
+        print(f"wrote {args.png}")
 
 
 if __name__ == "__main__":

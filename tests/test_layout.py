@@ -23,6 +23,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "polyak.tensors",
         "polyak.schedules",
         "polyak.gpu",
+        "polyak.tuning",
         "polyak.engine",
         "polyak.sharded",
     ),

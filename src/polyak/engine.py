@@ -24,6 +24,7 @@ after ``.to()``, ``.cuda()``, ``.half()``, ``p.data = ...`` or a new Parameter o
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 import weakref
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .tensors import StateEntry, is_averaged, is_dtensor, local, named_state
+from .tuning import Candidate, PlanTuner
 
 __all__ = ["flatten_parameters", "AveragingEngine", "Weight", "average_many_"]
 
@@ -52,6 +54,14 @@ GATHER_MAX_NUMEL = 4096
 #: ... and only in runs of at least this many tensors: a cat and a lerp for two BatchNorm
 #: tensors cost more than their two entries in the multi-tensor kernel.
 GATHER_MIN_RUN = 8
+#: Elements per chunk of a gathered run (1 MiB in fp32): the cat's output is still in cache
+#: when the lerp reads it.
+GATHER_CHUNK = 1 << 18
+#: Elements per chunk of a *serial* gathered run or gathered copy: below torch's parallel grain
+#: (``at::internal::GRAIN_SIZE``, 32768), so each ``cat`` takes its one-thread kernel (one
+#: memcpy per input; above the grain, with several threads, it copies input by input) and
+#: neither kernel opens a parallel region that a busy core would hold up.
+SERIAL_CHUNK = (1 << 15) - 1
 
 Weight = Union[float, Tensor]  # noqa: UP007 (a runtime alias)
 """The weight of the source in an update: a host float, or a 0-d tensor on the average's
@@ -81,13 +91,18 @@ def flatten_parameters(module: nn.Module) -> nn.Module:
 
 
 def flatten_tensors_(params: list[Tensor]) -> None:
-    """Move the data of plain tensors into one contiguous buffer per (device, dtype)."""
+    """Move the data of plain tensors into one contiguous buffer per (device, dtype): the
+    tensors of at most ``GATHER_MAX_NUMEL`` elements first, then the others, each in the given
+    order. A model and its average laid out by this rule line up, and on the CPU the small
+    tensors of an average form one run that is updated by one ``cat`` and one ``lerp_`` per
+    chunk whatever the model's layout."""
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for p in params:
         if _is_plain(p):
             groups.setdefault((p.device, p.dtype), []).append(p)
     with torch.no_grad():
         for (device, dtype), members in groups.items():
+            members.sort(key=lambda p: p.numel() > GATHER_MAX_NUMEL)  # stable: small ones first
             flat = torch.empty(sum(p.numel() for p in members), device=device, dtype=dtype)
             offset = 0
             for p in members:
@@ -161,12 +176,16 @@ class _Group:
       the scratch by one ``cat`` and the run is updated by one ``lerp_``. On the CPU, where a
       multi-tensor kernel still costs one dispatch per tensor, this is faster for tensors of
       a few thousand elements; and across devices it moves one chunk instead of many tensors.
+    * ``copied``: per chunk, (target run as one 1-d view, 1-d source views): tensors copied,
+      not averaged, concatenated straight into the target by one ``cat`` (same dtype and
+      device, small serial chunks: BatchNorm statistics and counters).
     """
 
     dst: list[Tensor] = field(default_factory=list)
     src: list[Tensor] = field(default_factory=list)
     staged: list[tuple[list[Tensor], list[Tensor], list[Tensor]]] = field(default_factory=list)
     gathered: list[tuple[Tensor, list[Tensor], Tensor, Tensor | None]] = field(default_factory=list)
+    copied: list[tuple[Tensor, list[Tensor]]] = field(default_factory=list)
 
     def lerp_(self, weight: Weight) -> None:
         if self.dst:
@@ -182,7 +201,10 @@ class _Group:
             run.lerp_(gathered, weight)
 
     def copy_(self) -> None:
-        torch._foreach_copy_(self.dst, self.src)
+        if self.dst:
+            torch._foreach_copy_(self.dst, self.src)
+        for run, srcs in self.copied:
+            torch.cat(srcs, out=run)
 
 
 #: Elements per chunk of a stochastically rounded update (1 MiB in fp32): its five passes over
@@ -307,13 +329,15 @@ def _chunks(sizes: list[int], limit: int) -> Iterator[tuple[int, int]]:
         yield start, len(sizes)
 
 
-def _plan_average(dst: list[Tensor], src: list[Tensor], *, mismatch: bool) -> _Group:
+def _plan_average(dst: list[Tensor], src: list[Tensor], *, mismatch: bool, chunk: int | None = GATHER_CHUNK) -> _Group:
     """How one (device, dtype) group of averaged pairs is updated: runs of small tensors
-    gathered where that pays (the CPU, and across devices or dtypes), the rest by one
-    multi-tensor kernel, or staged through a scratch buffer when ``mismatch``."""
-    gather = mismatch or dst[0].device.type == "cpu"
+    gathered in chunks of at most ``chunk`` elements where that pays (the CPU, and across
+    devices or dtypes; ``chunk=None``: not on the CPU), the rest by one multi-tensor kernel,
+    or staged through a scratch buffer when ``mismatch``."""
+    gather = mismatch or (chunk is not None and dst[0].device.type == "cpu")
     runs, rest = _gather_runs(dst, src) if gather else ([], list(range(len(dst))))
-    group = _Group(gathered=_gathered_plan(dst, src, runs, mismatch=mismatch))
+    limit = chunk or GATHER_CHUNK
+    group = _Group(gathered=_gathered_plan(dst, src, runs, mismatch=mismatch, chunk=limit))
     rest_dst, rest_src = [dst[k] for k in rest], [src[k] for k in rest]
     if mismatch:
         group.staged = _staged_plan(rest_dst, rest_src)
@@ -346,14 +370,14 @@ def _gather_runs(dst: list[Tensor], src: list[Tensor]) -> tuple[list[tuple[int, 
 
 
 def _gathered_plan(
-    dst: list[Tensor], src: list[Tensor], runs: list[tuple[int, int]], *, mismatch: bool
+    dst: list[Tensor], src: list[Tensor], runs: list[tuple[int, int]], *, mismatch: bool, chunk: int
 ) -> list[tuple[Tensor, list[Tensor], Tensor, Tensor | None]]:
-    """The runs cut into chunks of at most ``STAGING_CHUNK`` elements, each with its target as
-    one 1-d view and views of one shared source-dtype scratch (and a target-dtype one when
+    """The runs cut into chunks of at most ``chunk`` elements, each with its target as one 1-d
+    view and views of one shared source-dtype scratch (and a target-dtype one when
     ``mismatch``) to ``cat`` the sources into."""
     batches = []
     for a, b in runs:
-        for c, d in _chunks([dst[k].numel() for k in range(a, b)], STAGING_CHUNK):
+        for c, d in _chunks([dst[k].numel() for k in range(a, b)], chunk):
             batches.append((a + c, a + d))
     if not batches:
         return []
@@ -391,28 +415,111 @@ def _staged_plan(dst: list[Tensor], src: list[Tensor]) -> list[tuple[list[Tensor
     return staged
 
 
+def _plan_copy(dst: list[Tensor], src: list[Tensor]) -> _Group:
+    """How one group of copied pairs is copied: runs of at least two contiguous tensors that
+    follow each other in the target are concatenated into it, in serial chunks (one ``cat``
+    each); the rest by one multi-tensor copy."""
+    if dst[0].device != src[0].device or dst[0].dtype != src[0].dtype:
+        return _Group(dst, src)
+    group = _Group()
+    i, n = 0, len(dst)
+    while i < n:
+        j = i
+        if dst[i].is_contiguous() and src[i].is_contiguous():
+            while j + 1 < n and src[j + 1].is_contiguous() and _adjacent(dst[j], dst[j + 1]):
+                j += 1
+        if j == i:
+            group.dst.append(dst[i])
+            group.src.append(src[i])
+        else:
+            for c, d in _chunks([dst[k].numel() for k in range(i, j + 1)], SERIAL_CHUNK):
+                numel = sum(dst[k].numel() for k in range(i + c, i + d))
+                group.copied.append((_flat_view(dst[i + c], numel), [src[k].view(-1) for k in range(i + c, i + d)]))
+        i = j + 1
+    return group
+
+
+def _in_memory_order(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """``pairs`` ordered by where their targets lie: storages in the order they first appear,
+    and within a storage by offset. Tensors that follow each other in a flat buffer become
+    neighbours (runs to merge or gather); separately allocated ones keep their order."""
+    first: dict[int, int] = {}
+    keys = []
+    for d, _ in pairs:
+        ptr = d.untyped_storage().data_ptr()
+        keys.append((first.setdefault(ptr, len(first)), d.storage_offset()))
+    order = sorted(range(len(pairs)), key=keys.__getitem__)
+    return [pairs[i] for i in order]
+
+
+#: How small CPU tensors are averaged: gathered in cache-sized chunks, gathered in serial
+#: chunks, or left to the multi-tensor kernel (:func:`_build_groups`'s ``gather``).
+GATHER_MODES: dict[str, int | None] = {"gathered": GATHER_CHUNK, "serial": SERIAL_CHUNK, "foreach": None}
+
+
 def _build_groups(
-    pairs: list[tuple[Tensor, Tensor]], *, average: bool, stochastic_seed: int | None = None
+    pairs: list[tuple[Tensor, Tensor]],
+    *,
+    average: bool,
+    stochastic_seed: int | None = None,
+    gather: str = "gathered",
 ) -> list[_Group | _StochasticGroup]:
     """One plan per (target device, dtype, source device, dtype); bfloat16 targets averaged
-    with stochastic rounding when ``stochastic_seed`` is given."""
+    with stochastic rounding when ``stochastic_seed`` is given; CPU targets of CUDA sources
+    through pinned double buffers (:class:`polyak.gpu.OffloadGroup`)."""
     by_key: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
     for d, s in pairs:
         by_key.setdefault((d.device, d.dtype, s.device, s.dtype), []).append((d, s))
     groups: list[_Group | _StochasticGroup] = []
     for (ddev, ddt, sdev, sdt), members in by_key.items():
+        if all(_is_plain(d) for d, _ in members):
+            members = _in_memory_order(members)
         dst, src = _coalesce([d for d, _ in members], [s for _, s in members])
         if average and stochastic_seed is not None and ddt == torch.bfloat16:
             groups.append(_StochasticGroup(dst, src, stochastic_seed))
+        elif ddev.type == "cpu" and sdev.type == "cuda":
+            from .gpu import OffloadGroup  # an average kept on the CPU of a CUDA model
+
+            groups.append(OffloadGroup(dst, src, chunk=STAGING_CHUNK))
         elif average:
-            groups.append(_plan_average(dst, src, mismatch=ddev != sdev or ddt != sdt))
+            groups.append(_plan_average(dst, src, mismatch=ddev != sdev or ddt != sdt, chunk=GATHER_MODES[gather]))
         else:
-            groups.append(_Group(dst, src))
+            groups.append(_plan_copy(dst, src))
     return groups
 
 
 # --------------------------------------------------------------------------------------------
 # The binding of the target to one source module.
+
+
+#: Registrations of parameters, buffers and submodules anywhere in the process, counted by
+#: torch's global registration hooks (installed with the first fingerprint): assigning or
+#: registering a tensor or a submodule, ``load_state_dict(assign=True)``, ``model.fc = ...``.
+_REGISTRATIONS = [0]
+_HOOKS: list[Any] = []
+
+#: While no registration happens, the structure of a source module (its tables' sizes and its
+#: submodules' identities) is re-read at least every this many checks; what no hook reports
+#: (``del model.fc``, a write into ``module._modules``) is seen within that many updates.
+STRUCTURE_EVERY = 64
+
+
+def _count_registration(module: nn.Module, name: str, value: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+def _install_registration_hooks() -> None:
+    if not _HOOKS:
+        from torch.nn.modules import module as torch_module
+
+        _HOOKS.extend(
+            register(_count_registration)
+            for register in (
+                torch_module.register_module_parameter_registration_hook,
+                torch_module.register_module_buffer_registration_hook,
+                torch_module.register_module_module_registration_hook,
+            )
+        )
 
 
 class _Fingerprint:
@@ -421,50 +528,82 @@ class _Fingerprint:
     ``Module._apply`` (``.to()``, ``.cuda()``, ``.half()``) and ``p.data = ...`` keep each
     Parameter object but give it new data; assigning a new Parameter or buffer replaces the
     object in its module's table; registering or deleting one, or a submodule, changes the
-    size of a table. So the size of every module's tables, the identity of every submodule and
-    tensor in its table, and the data pointer of every parameter tell whether the lists still
-    hold (about 0.1 us per tensor).
+    size of a table. Every call reads the data pointer of the tensor now in each resolved slot
+    (a new object, new data or a conversion each move it; a replacement that keeps the very
+    same memory reads the same values; a deleted slot fails the lookup). The structure (the
+    size of every module's tables, the identity of every submodule in its parent's table) is
+    read again after any registration anywhere (torch's global registration hooks count them)
+    and otherwise every ``STRUCTURE_EVERY`` calls. Tensors without a plain data pointer
+    (DTensors, whose own is 0, meta or sparse tensors) are checked by identity, DTensors also
+    by their shard's pointer (FSDP2 updates shards in place). About 0.15 us per tensor with
+    warm caches, up to 0.5 us after a training step has evicted them.
 
-    With ``every_parameter=False`` (the average's own module, which only ``Module._apply`` and
-    polyak change) the data pointer of one parameter per module stands for all of them, since
-    ``_apply`` converts a module's parameters together.
+    With ``own=True`` (the average's own module, whose tensors polyak lays out and only
+    ``Module._apply`` or a deliberate replacement changes) one tensor per storage stands for
+    the storage: ``.to()``, ``.half()``, ``load_state_dict(assign=True)`` or
+    ``flatten_parameters`` on it move that tensor's pointer too. No table sizes or children.
     """
 
-    def __init__(self, module: nn.Module, state: dict[str, StateEntry], *, every_parameter: bool = True) -> None:
+    def __init__(self, module: nn.Module, state: dict[str, StateEntry], *, own: bool = False) -> None:
+        _install_registration_hooks()
         entries = list(state.values())
-        self.owners = [e.owner for e in entries]
-        self.keys = [e.key for e in entries]
-        self.tensors = [e.tensor for e in entries]
-        modules = list(module.modules())
+        plain = [e for e in entries if _has_pointer(e.tensor)]
+        if own:
+            first: dict[int, StateEntry] = {}
+            for e in plain:
+                first.setdefault(e.tensor.untyped_storage().data_ptr(), e)
+            plain = list(first.values())
+        self.owners = [e.owner for e in plain]
+        self.keys = [e.key for e in plain]
+        self.other_owners = [e.owner for e in entries if not _has_pointer(e.tensor)]
+        self.other_keys = [e.key for e in entries if not _has_pointer(e.tensor)]
+        self.other_tensors = [e.tensor for e in entries if not _has_pointer(e.tensor)]
+        modules = [] if own else list(module.modules())
         self.tables = [t for m in modules for t in (m._parameters, m._buffers, m._modules)]
         self.sizes = tuple(map(len, self.tables))
         children = [(m._modules, k, c) for m in modules for k, c in m._modules.items()]
         self.child_tables = [t for t, _, _ in children]
         self.child_keys = [k for _, k, _ in children]
         self.children = [c for _, _, c in children]
-        if every_parameter:
-            params = [e.tensor for e in entries if not e.is_buffer]
-        else:
-            first: dict[int, Tensor] = {}
-            for e in entries:
-                if not e.is_buffer:
-                    first.setdefault(id(e.owner), e.tensor)
-            params = list(first.values())
-        # A DTensor's own data_ptr is 0: its shard's counts (FSDP2 updates shards in place).
-        self.params = [p for p in params if not is_dtensor(p)]
-        self.sharded = [p for p in params if is_dtensor(p)]
+        self.sharded = [t for t in self.other_tensors if is_dtensor(t)]
         self.ptrs = self._ptrs()
+        self.sharded_ptrs = self._sharded_ptrs()
+        self.registrations = _REGISTRATIONS[0]
+        self.structure_left = STRUCTURE_EVERY
 
     def _ptrs(self) -> tuple[int, ...]:
-        return (*map(_data_ptr, self.params), *map(_data_ptr, map(_local_of, self.sharded)))
+        return tuple(map(_data_ptr, map(_getitem, self.owners, self.keys)))
 
-    def holds(self) -> bool:
-        return (
-            tuple(map(len, self.tables)) == self.sizes
-            and all(map(_is, map(_getitem, self.owners, self.keys), self.tensors))
-            and all(map(_is, map(_getitem, self.child_tables, self.child_keys), self.children))
-            and self._ptrs() == self.ptrs
+    def _sharded_ptrs(self) -> tuple[int, ...]:
+        return tuple(map(_data_ptr, map(_local_of, self.sharded)))
+
+    def structure_holds(self) -> bool:
+        return tuple(map(len, self.tables)) == self.sizes and all(
+            map(_is, map(_getitem, self.child_tables, self.child_keys), self.children)
         )
+
+    def holds(self, *, full: bool = False) -> bool:
+        """Whether the resolved lists still hold (``full``: read the structure whatever the
+        registration count says)."""
+        if full or self.registrations != _REGISTRATIONS[0] or self.structure_left <= 0:
+            if not self.structure_holds():
+                return False
+            self.registrations = _REGISTRATIONS[0]
+            self.structure_left = STRUCTURE_EVERY
+        self.structure_left -= 1
+        try:
+            return (
+                self._ptrs() == self.ptrs
+                and all(map(_is, map(_getitem, self.other_owners, self.other_keys), self.other_tensors))
+                and (not self.sharded or self._sharded_ptrs() == self.sharded_ptrs)
+            )
+        except KeyError:  # a resolved slot was deleted
+            return False
+
+
+def _has_pointer(t: Tensor) -> bool:
+    """A plain strided tensor with storage, whose ``data_ptr`` says where its values are."""
+    return _is_plain(t) and t.layout == torch.strided and t.device.type != "meta"
 
 
 @dataclass
@@ -480,12 +619,15 @@ class _Binding:
     stochastic_seed: int | None = None  # bfloat16 averages rounded stochastically, from this seed
     plans: dict[str, list[Any]] = field(default_factory=dict)
     shared: dict[tuple[int, ...], Any] = field(default_factory=dict)  # average_many_ plans
+    tuner: PlanTuner | None = None  # CPU: the averaging plan chosen by timing (see polyak.tuning)
+    tuned_threads: int = 0  # torch's thread count when the tuner was made (0: none made yet)
 
-    def fresh(self) -> bool:
-        return self.source_print.holds() and self.target_print.holds()
+    def fresh(self, *, full: bool = False) -> bool:
+        return self.source_print.holds(full=full) and self.target_print.holds(full=full)
 
-    def plan(self, subset: str) -> list[Any]:
-        plan = self.plans.get(subset)
+    def plan(self, subset: str, gather: str = "gathered") -> list[Any]:
+        key = subset if gather == "gathered" else f"{subset}:{gather}"
+        plan = self.plans.get(key)
         if plan is None:
             select = {
                 "avg": lambda i: self.kinds[i] == "avg",
@@ -496,8 +638,10 @@ class _Binding:
             idx = [i for i in range(len(self.dst)) if select(i)]
             pairs = [(self.dst[i], self.src[i]) for i in idx]
             average = subset == "avg"
-            plan = _build_groups(pairs, average=average, stochastic_seed=self.stochastic_seed if average else None)
-            self.plans[subset] = plan
+            plan = _build_groups(
+                pairs, average=average, stochastic_seed=self.stochastic_seed if average else None, gather=gather
+            )
+            self.plans[key] = plan
         return plan
 
 
@@ -515,6 +659,11 @@ class AveragingEngine:
             averaged tensors are updated in float32 and rounded back stochastically
             (:class:`_StochasticGroup`), seeded by ``seed`` and the update's ``step``.
         seed: the seed of stochastic rounding.
+
+    On the CPU the averaging plan (how small tensors are grouped, and whether the update runs
+    with torch's thread count or one thread) is chosen by timing the first updates and
+    re-checked as the machine's load changes (:mod:`polyak.tuning`); every candidate writes
+    the same bits. Set ``tune = False`` for a fixed plan (reproducible timings).
     """
 
     def __init__(
@@ -537,6 +686,8 @@ class AveragingEngine:
         self._target_state: dict[str, StateEntry] | None = None
         self._target_print: _Fingerprint | None = None
         self._bindings: dict[int, _Binding] = {}
+        #: Choose the CPU averaging plan by timing real updates (see the class docstring).
+        self.tune = True
 
     # -- resolution ---------------------------------------------------------------------
 
@@ -554,7 +705,7 @@ class AveragingEngine:
             if not state:
                 raise ValueError("the averaged model has no parameters or buffers: nothing to average")
             self._target_state = state
-            self._target_print = _Fingerprint(self.target, state, every_parameter=False)
+            self._target_print = _Fingerprint(self.target, state, own=True)
         return self._target_state
 
     def kind(self, entry: StateEntry) -> str:
@@ -643,7 +794,7 @@ class AveragingEngine:
         return _Binding(
             source=weakref.ref(source),
             source_print=_Fingerprint(source, src),
-            target_print=_Fingerprint(self.target, tgt, every_parameter=False),
+            target_print=_Fingerprint(self.target, tgt, own=True),
             names=names,
             kinds=kinds,
             dst=dst,
@@ -674,6 +825,14 @@ class AveragingEngine:
         """The averaging half of :meth:`average_`, on a resolved binding."""
         if step is None:
             step, self._calls = self._calls, self._calls + 1
+        if self.tune and binding.stochastic_seed is None:
+            threads = torch.get_num_threads()
+            if binding.tuned_threads != threads:
+                binding.tuner = _make_tuner(binding, threads)
+                binding.tuned_threads = threads
+            if binding.tuner is not None:
+                binding.tuner.run(weight)
+                return
         for g in binding.plan("avg"):
             if isinstance(g, _StochasticGroup):
                 g.step = step
@@ -706,23 +865,80 @@ def _few(names: list[str], n: int = 5) -> str:
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
+def _run_groups(groups: list[Any], weight: Weight) -> None:
+    for g in groups:
+        g.lerp_(weight)
+
+
+def _make_tuner(binding: _Binding, threads: int) -> PlanTuner | None:
+    """The candidate CPU plans of a binding's averaging update (how small tensors are grouped ×
+    torch's thread count or one thread), or None where there is one way only (a GPU, or
+    nothing to choose)."""
+    base = binding.plan("avg")
+    if not base or any(not isinstance(g, _Group) or not _on_cpu(g) for g in base):
+        return None
+    variants = {"gathered": base}
+    if any(g.gathered for g in base):
+        variants["serial"] = binding.plan("avg", "serial")
+        variants["foreach"] = binding.plan("avg", "foreach")
+    counts = [None, 1] if threads > 1 else [None]
+    candidates = [
+        Candidate(_label(mode, n or threads), functools.partial(_run_groups, groups), n)
+        for mode, groups in variants.items()
+        for n in counts
+    ]
+    return PlanTuner(candidates) if len(candidates) > 1 else None
+
+
+def _label(mode: str, threads: int) -> str:
+    return f"{mode}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def _on_cpu(group: _Group) -> bool:
+    tensors = [*group.dst, *group.src]
+    tensors += [t for run, srcs, scratch, _ in group.gathered for t in (run, scratch, *srcs)]
+    tensors += [t for dst, src, _ in group.staged for t in (*dst, *src)]
+    return all(t.device.type == "cpu" for t in tensors)
+
+
 # --------------------------------------------------------------------------------------------
 # Several averages of one source, reading it once.
 
 
+def _same(a: Tensor, b: Tensor) -> bool:
+    """The same memory, read the same way (two views of one source tensor)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
 def _aligned(groups: Sequence[_Group]) -> bool:
+    """Whether the groups of several averages pair the same source tensors, in the same order,
+    with targets of the same shapes and dtypes: then one pass over the source serves them all."""
     g0 = groups[0]
-    return all(
-        len(g.dst) == len(g0.dst)
-        and len(g.staged) == len(g0.staged)
-        and len(g.gathered) == len(g0.gathered)
+    return all(_aligned_pair(g, g0) for g in groups[1:])
+
+
+def _aligned_pair(g: _Group, g0: _Group) -> bool:
+    if (len(g.dst), len(g.staged), len(g.gathered)) != (len(g0.dst), len(g0.staged), len(g0.gathered)):
+        return False
+    return (
+        all(map(_same, g.src, g0.src))
         and all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(g.dst, g0.dst, strict=True))
-        and all(a[0].dtype == b[0].dtype for a, b in zip(g.gathered, g0.gathered, strict=True))
         and all(
-            len(a[0]) == len(b[0]) and a[2][0].dtype == b[2][0].dtype and a[2][0].device == b[2][0].device
+            a[0].numel() == b[0].numel()
+            and a[0].dtype == b[0].dtype
+            and len(a[1]) == len(b[1])
+            and all(map(_same, a[1], b[1]))
+            for a, b in zip(g.gathered, g0.gathered, strict=True)
+        )
+        and all(
+            len(a[0]) == len(b[0])
+            and len(a[1]) == len(b[1])
+            and all(map(_same, a[1], b[1]))
+            and all(x.shape == y.shape for x, y in zip(a[0], b[0], strict=True))
+            and a[2][0].dtype == b[2][0].dtype
+            and a[2][0].device == b[2][0].device
             for a, b in zip(g.staged, g0.staged, strict=True)
         )
-        for g in groups[1:]
     )
 
 

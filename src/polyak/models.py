@@ -91,6 +91,7 @@ def copy_module(
     whose ``id`` is in ``share`` are not copied: the copy refers to the model's own."""
     memo: dict[int, Any] = {}
     new_params = []
+    new_buffers = []
     for t in itertools.chain(model.parameters(), model.buffers()):
         if id(t) in memo:
             continue
@@ -101,13 +102,17 @@ def copy_module(
         if isinstance(t, nn.Parameter):
             new = nn.Parameter(new, requires_grad=False)
             new_params.append(new)
+        else:
+            new_buffers.append(new)
         memo[id(t)] = new
     clone = copy.deepcopy(model, memo)
     for p in new_params:
         p.requires_grad_(False)
     # One buffer per (device, dtype): a model laid out the same way is then averaged by a
-    # single lerp_ per group (see flatten_parameters).
+    # single lerp_ per group (see flatten_parameters); the buffers, copied on every update,
+    # are then one run per dtype, filled by one cat per chunk.
     flatten_tensors_(new_params)
+    flatten_tensors_(new_buffers)
     return clone
 
 
@@ -670,7 +675,7 @@ class BaseAveragedModel(nn.Module):
     ) -> str | None:
         """Put the live weights back after a :meth:`swapped` block; returns what went wrong
         inside it (see :meth:`swapped`), or None."""
-        replaced = not binding.fresh()
+        replaced = not binding.fresh(full=True)
         written = [b._version for _, b in pairs] != versions
         with torch.no_grad():
             if backup is None and written and not replaced:
