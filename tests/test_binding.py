@@ -92,6 +92,47 @@ def test_a_replaced_submodule_is_read_anew(bound: tuple[nn.Sequential, polyak.Ex
     torch.testing.assert_close(ema.module[2].weight.double(), expected, rtol=0, atol=1e-6)
 
 
+def test_a_submodule_replaced_behind_the_hooks_is_seen_within_structure_every_updates(
+    bound: tuple[nn.Sequential, polyak.ExponentialMovingAverage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write straight into ``_modules`` registers nothing (no hook sees it): the structure is
+    re-read every STRUCTURE_EVERY updates anyway, and from then on the new submodule is read."""
+    import polyak.engine as engine
+
+    monkeypatch.setattr(engine, "STRUCTURE_EVERY", 3)
+    model, ema = bound
+    for _ in range(3):  # start a fresh count
+        ema.update_parameters(model)
+    new = nn.Linear(4, 2)
+    with torch.no_grad():
+        new.weight.fill_(3.0)
+        new.bias.fill_(-1.0)
+    model._modules["2"] = new  # no registration hook runs
+    read_new = []
+    for _ in range(5):
+        before = ema.module[2].weight.detach().double().clone()
+        ema.update_parameters(model)
+        step = ema.module[2].weight.detach().double() - 0.9 * before  # 0.1 x what was read
+        read_new.append(bool(torch.allclose(step, torch.full_like(step, 0.3), atol=1e-6)))
+    first = read_new.index(True)  # raises if the new submodule was never read
+    assert first < 3 and all(read_new[first:]), read_new
+
+
+def test_a_registration_anywhere_makes_the_next_update_read_the_structure(
+    bound: tuple[nn.Sequential, polyak.ExponentialMovingAverage],
+) -> None:
+    """Hooks count registrations in the whole process: one in an unrelated module costs one
+    structure read, and the average goes on as before."""
+    import polyak.engine as engine
+
+    model, ema = bound
+    fp = ema.engine.bind(model).source_print
+    nn.Linear(2, 2)  # registers two parameters elsewhere
+    assert fp.registrations != engine._REGISTRATIONS[0]
+    ema.update_parameters(model)
+    assert ema.engine.bind(model).source_print is fp and fp.registrations == engine._REGISTRATIONS[0]
+
+
 def test_a_complex_tensor_into_a_real_average_is_refused(
     bound: tuple[nn.Sequential, polyak.ExponentialMovingAverage],
 ) -> None:

@@ -15,11 +15,12 @@ the average (the *target*) and, for each source module it is asked to read, reso
   the CPU), a staging plan through a bounded scratch buffer, so no model-sized temporary is
   ever allocated.
 
-An update is then one ``torch._foreach_lerp_`` per group plus one ``torch._foreach_copy_`` per
-copy group: no module walk, no dict building, no ``.item()``, no host-device synchronisation.
-The binding is checked on every call with C-level passes over both modules (the identity of
-every tensor in its module's table, the data pointer of every parameter), so it stays right
-after ``.to()``, ``.cuda()``, ``.half()``, ``p.data = ...`` or a new Parameter on either side.
+An update is then one ``torch._foreach_lerp_`` per group (on the CPU, the plan chosen by timing:
+:mod:`polyak.tuning`) plus one ``cat`` or ``torch._foreach_copy_`` per copy group: no module
+walk, no dict building, no ``.item()``, no host-device synchronisation. The binding is checked
+on every call with C-level passes (:class:`_Fingerprint`: the data pointer in every resolved
+slot of the source, its structure after any registration), so it stays right after ``.to()``,
+``.cuda()``, ``.half()``, ``p.data = ...`` or a new Parameter on either side.
 """
 
 from __future__ import annotations
@@ -535,8 +536,7 @@ class _Fingerprint:
     read again after any registration anywhere (torch's global registration hooks count them)
     and otherwise every ``STRUCTURE_EVERY`` calls. Tensors without a plain data pointer
     (DTensors, whose own is 0, meta or sparse tensors) are checked by identity, DTensors also
-    by their shard's pointer (FSDP2 updates shards in place). About 0.15 us per tensor with
-    warm caches, up to 0.5 us after a training step has evicted them.
+    by their shard's pointer (FSDP2 updates shards in place).
 
     With ``own=True`` (the average's own module, whose tensors polyak lays out and only
     ``Module._apply`` or a deliberate replacement changes) one tensor per storage stands for
