@@ -327,3 +327,28 @@ def test_inspect_prints_stored_problems_and_ignores_a_malformed_report(make_mode
     out = capsys.readouterr().out
     assert "\x1b" not in out and "health: no numbers" in out
     assert "problem: " + "x" * 300 + "\n" in out
+
+
+@pytest.mark.parametrize("frozen", ["skip", "copy"])
+def test_the_counts_follow_what_each_tensor_is_after_the_average_is_converted(frozen: str, make_model) -> None:
+    """Frozen conv weights skipped (shared) or copied: the report's counts are those of the
+    average's state dict, counted here by hand, before and after ``.double()`` on the average."""
+    model = make_model()
+    for p in model.conv.parameters():
+        p.requires_grad_(False)
+    average = polyak.AveragedModel(model, frozen=frozen)
+    average.update_parameters(model)
+    names = list(average.module.state_dict())
+    frozen_names = [n for n in names if n.startswith("conv.")]
+    integer = [n for n in names if not average.module.state_dict()[n].is_floating_point()]
+    buffers = {n for n, _ in average.module.named_buffers()}
+    # float parameters that train are averaged; float BN statistics copied (update_buffers=False)
+    expected_avg = len([n for n in names if n not in buffers and n not in frozen_names])
+    expected_copy = len([n for n in buffers if n not in integer]) + len(integer)
+    expected = {"skip": (expected_avg, expected_copy, len(frozen_names))}
+    expected["copy"] = (expected_avg, expected_copy + len(frozen_names), 0)
+    for _ in range(2):
+        v = average.health(model, warn=False).values()
+        assert (v["averaged"], v["copied"], v["skipped"]) == expected[frozen]
+        average.module.double()
+        average.update_parameters(model)

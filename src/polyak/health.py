@@ -79,8 +79,10 @@ class Health:
     horizon: float | None = None
     distance: Tensor | None = None
     moved: Tensor | None = None
-    #: per tensor name: (relative distance, share moved) on the device
-    per_tensor: dict[str, Tensor] = field(default_factory=dict)
+    #: the names of the averaged tensors, in the order of ``per_tensor``'s columns
+    names: list[str] = field(default_factory=list)
+    #: blocks of shape (2, k): each tensor's relative distance and share moved, on the device
+    per_tensor: list[Tensor] = field(default_factory=list)
     #: the tensors whose relative distance is judged (two or more dimensions: weights, kernels
     #: and embeddings, whose norms are set by their initialisation; a bias or a norm's scale can
     #: sit near zero, where any lag is large relative to its norm)
@@ -125,10 +127,10 @@ class Health:
         return "\n".join(lines)
 
     def _evaluate(self) -> dict[str, Any]:
-        names = list(self.per_tensor)
+        names = self.names
         device = [t for t in (self.distance, self.moved) if t is not None]
-        if names:
-            device.append(torch.stack([self.per_tensor[n] for n in names]).flatten())
+        if self.per_tensor:
+            device.append(torch.cat([b.to(torch.float64) for b in self.per_tensor], dim=1).T.reshape(-1))
         host: list[float] = (
             torch.cat([t.detach().double().reshape(-1).cpu() for t in device]).tolist() if device else []
         )
@@ -175,8 +177,9 @@ def measure(
     average: Averaged, model: nn.Module, *, owner: str = "average", watch: HealthWatch | None = None, warn: bool = True
 ) -> Health:
     """The :class:`Health` of ``average`` against the live ``model``: one pass over the averaged
-    tensors of both on their device, a few float32 temporaries of one tensor at a time, no host
-    synchronisation (the numbers are read by :meth:`Health.values`)."""
+    tensors of both on their device (float32 and float64 ones by multi-tensor kernels in batches
+    of ``MEASURE_CHUNK`` elements, whose difference is the one temporary; 16-bit ones one at a
+    time), no host synchronisation (the numbers are read by :meth:`Health.values`)."""
     kinds = average.tensor_kinds()
     counts = {kind: sum(1 for k in kinds.values() if k == kind) for kind in ("avg", "copy", "skip")}
     weight = average.current_momentum
@@ -206,16 +209,23 @@ def measure(
     if not pairs:
         return report
     check_rounding = bool(weight) and average.rounding != "stochastic"
-    diff2, live2, along, intended = [], [], [], []
+
+    def fast(avg: Tensor) -> bool:  # float32/float64: no rounding to check, batched kernels
+        return avg.dtype in (torch.float32, torch.float64)
+
+    diff2: list[Tensor] = []
+    live2: list[Tensor] = []
+    along: list[Tensor] = []
+    intended: list[Tensor] = []
     with torch.no_grad():
-        for name, avg, live in pairs:
+        for chunk in _chunked([p for p in pairs if fast(p[1])], MEASURE_CHUNK):
+            _measure_wide(chunk, report, diff2, live2)
+        for name, avg, live in (p for p in pairs if not fast(p[1])):
             d = live.to(device=avg.device, dtype=torch.float32) - avg.float()
             d2 = d.square().sum(dtype=torch.float64)
             l2 = live.float().square().sum(dtype=torch.float64)
-            diff2.append(d2)
-            live2.append(l2)
-            relative = d2.sqrt() / l2.sqrt()
-            relative = torch.where(d2 == 0, torch.zeros_like(relative), relative)  # 0/0: equal zeros
+            diff2.append(d2.reshape(1))
+            live2.append(l2.reshape(1))
             if check_rounding and stall_ratio(avg.dtype, 1.0) > 0:
                 step = d.mul_(weight)
                 made = (avg.float() + step).to(avg.dtype).float().sub_(avg.float())
@@ -225,17 +235,59 @@ def measure(
                 intended.append(i)
                 share = torch.where(i > 0, a / i, torch.ones_like(i))
             else:
-                share = torch.ones_like(relative)
-            report.per_tensor[name] = torch.stack([relative, share])
+                share = torch.ones_like(d2)
+            report.names.append(name)
+            report.per_tensor.append(torch.stack([_relative(d2, l2), share]).reshape(2, 1))
             if avg.dim() >= 2:
                 report.judged.add(name)
-        report.distance = torch.stack(diff2).sum().sqrt() / torch.stack(live2).sum().sqrt()
+        report.distance = torch.cat(diff2).sum().sqrt() / torch.cat(live2).sum().sqrt()
         if intended:
             total = torch.stack(intended).sum()
             report.moved = torch.where(total > 0, torch.stack(along).sum() / total, torch.ones_like(total))
         else:
             report.moved = torch.ones((), dtype=torch.float64, device=report.distance.device)
     return report
+
+
+#: Elements per batch of tensors measured together by multi-tensor kernels (the difference of
+#: a batch is the one temporary: 16 MiB in float32).
+MEASURE_CHUNK = 1 << 22
+
+
+def _chunked(pairs: list[tuple[str, Tensor, Tensor]], limit: int) -> Iterator[list[tuple[str, Tensor, Tensor]]]:
+    batch: list[tuple[str, Tensor, Tensor]] = []
+    used = 0
+    for p in pairs:
+        n = p[1].numel()
+        if batch and used + n > limit:
+            yield batch
+            batch, used = [], 0
+        batch.append(p)
+        used += n
+    if batch:
+        yield batch
+
+
+def _relative(d2: Tensor, l2: Tensor) -> Tensor:
+    """sqrt(d2 / l2), and 0 where both are 0 (equal zeros)."""
+    return torch.where(d2 == 0, torch.zeros_like(d2), d2.sqrt() / l2.sqrt())
+
+
+def _measure_wide(
+    chunk: list[tuple[str, Tensor, Tensor]], report: Health, diff2: list[Tensor], live2: list[Tensor]
+) -> None:
+    """Float32/float64 averages, a batch at a time: the difference by one multi-tensor kernel,
+    the norms by two (no rounding to check: their share moved is 1)."""
+    avgs = [a for _, a, _ in chunk]
+    lives = [s.to(device=a.device, dtype=a.dtype) for _, a, s in chunk]  # no copy when they match
+    diffs = torch._foreach_sub(lives, avgs)
+    d2 = torch.stack(torch._foreach_norm(diffs)).double().square()
+    l2 = torch.stack(torch._foreach_norm(lives)).double().square()
+    diff2.append(d2)
+    live2.append(l2)
+    report.names.extend(n for n, _, _ in chunk)
+    report.per_tensor.append(torch.stack([_relative(d2, l2), torch.ones_like(d2)]))
+    report.judged.update(n for n, a, _ in chunk if a.dim() >= 2)
 
 
 def stall_ratio(dtype: torch.dtype, weight: float) -> float:
