@@ -36,8 +36,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
+# Results go to bench-results/ (JSON and a PNG of the ratios; not committed).
 bench: $(STAMP)
-	$(PY) benchmarks/update_speed.py
+	mkdir -p bench-results
+	$(PY) benchmarks/update_speed.py --json bench-results/update_speed.json --png bench-results/update_speed.png
 	$(PY) benchmarks/precision.py
 	$(PY) benchmarks/health.py
 
@@ -57,4 +59,4 @@ demo: $(DEMO_STAMP)
 	$(VENV)/bin/polyak demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) $(MERGE_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(MERGE_VENV) bench-results build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis
