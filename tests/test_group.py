@@ -286,7 +286,7 @@ def test_average_many_small_and_large_tensors(small_chunks: None, case: str, ten
     # the small chunk sizes (see the fixture) really cut the work: look at the cached plans
     (plan,) = [e.bind(source).plan("avg") for e in eng_many][:1]
     shared = eng_many[0].bind(source).shared  # average_many_'s plans, when the layouts agree
-    chunks = sum(len(sp.chunks) for _, plans in shared.values() for sp in plans)
+    chunks = sum(len(sp.chunks) for update in shared.values() for sp in update.plans)
     staged = sum(len(g.staged) for g in plan)
     gathered = sum(len(g.gathered) for g in plan)
     if path == "separate":

@@ -268,3 +268,46 @@ def test_averages_of_one_model_in_different_layouts_never_pair_the_wrong_source(
     for avg in (a, b):
         for k, v in avg.module.state_dict().items():
             torch.testing.assert_close(v.double(), ref[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_an_average_group_chooses_its_thread_count_and_writes_the_same_bits() -> None:
+    """AverageGroup's shared plan (one read of the source for every average) runs with torch's
+    threads or one, chosen by timing as for one average: both candidates write what separate
+    fixed-plan updates write, and ``tune = False`` on the engines makes no tuner."""
+    torch.manual_seed(0)
+    model = layers()
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        grouped = [polyak.ExponentialMovingAverage(model, momentum=m) for m in (0.1, 0.01)]
+        separate = copy.deepcopy(grouped)
+        for e in separate:
+            e.engine.tune = False
+        group = polyak.AverageGroup(grouped)
+        for s in range(12):
+            step(model, s)
+            group.update_parameters(model)
+            for e in separate:
+                e.update_parameters(model)
+            for g, e in zip(grouped, separate, strict=True):
+                for k, v in e.module.state_dict().items():
+                    assert torch.equal(g.module.state_dict()[k], v), f"step {s} {k}"
+        (update,) = grouped[0].engine.bind(model).shared.values()
+        assert update.tuner is not None and [c.threads for c in update.tuner.candidates] == [None, 1]
+        assert not update.tuner.exploring
+        for c in update.tuner.candidates:  # forced, one by one
+            c.run([0.25, 0.5])
+            for e, w in zip(separate, (0.25, 0.5), strict=True):
+                e.engine.lerp_(e.engine.bind(model), w, None)
+            for g, e in zip(grouped, separate, strict=True):
+                for k, v in e.module.state_dict().items():
+                    assert torch.equal(g.module.state_dict()[k], v), f"{c.name} {k}"
+        fixed = [polyak.ExponentialMovingAverage(model) for _ in range(2)]
+        for e in fixed:
+            e.engine.tune = False
+        polyak.AverageGroup(fixed).update_parameters(model)
+        polyak.AverageGroup(fixed).update_parameters(model)
+        shared = list(fixed[0].engine.bind(model).shared.values())
+        assert shared and all(u.tuner is None for u in shared)
+    finally:
+        torch.set_num_threads(old)

@@ -968,6 +968,37 @@ class _SharedPlan:
                 g.gathered[k][0].lerp_(gathered, w)
 
 
+@dataclass
+class _SharedUpdate:
+    """The shared plans of several bindings, and on the CPU a tuner that chooses between
+    torch's thread count and one thread for them (as :func:`_make_tuner` does for one average;
+    the two write the same bits)."""
+
+    bindings: list[_Binding]
+    plans: list[_SharedPlan]
+    tuner: PlanTuner | None = None
+    tuned_threads: int = 0
+
+    def __post_init__(self) -> None:
+        self.on_cpu = all(_on_cpu(g) for p in self.plans for g in p.groups)
+
+    def _lerp(self, weights: Sequence[Weight]) -> None:
+        for plan in self.plans:
+            plan.lerp_(weights)
+
+    def run(self, weights: Sequence[Weight], *, tune: bool) -> None:
+        threads = torch.get_num_threads()
+        if not (tune and threads > 1 and self.on_cpu):
+            self._lerp(weights)
+            return
+        tuner = self.tuner
+        if tuner is None or self.tuned_threads != threads:
+            one = Candidate(_label("shared", 1), self._lerp, 1)
+            tuner = self.tuner = PlanTuner([Candidate(_label("shared", threads), self._lerp), one])
+            self.tuned_threads = threads
+        tuner.run(weights)
+
+
 def _shared_plan(groups: list[_Group]) -> _SharedPlan:
     g0 = groups[0]
     cut = [list(_pieces(g.dst, g0.src, SHARED_READ_CHUNK)) for g in groups]
@@ -1012,11 +1043,10 @@ def average_many_(
     else:
         key = tuple(id(b) for b in bindings)
         cached = bindings[0].shared.get(key)
-        if cached is None or any(x is not y for x, y in zip(cached[0], bindings, strict=True)):
-            cached = (bindings, [_shared_plan(list(gs)) for gs in zip(*plans, strict=True)])
+        if cached is None or any(x is not y for x, y in zip(cached.bindings, bindings, strict=True)):
+            cached = _SharedUpdate(bindings, [_shared_plan(list(gs)) for gs in zip(*plans, strict=True)])
             bindings[0].shared[key] = cached
-        for shared in cached[1]:
-            shared.lerp_(weights)
+        cached.run(weights, tune=all(e.tune for e in engines))
     for b in bindings:
         for g in b.plan("copy"):
             g.copy_()
