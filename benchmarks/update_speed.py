@@ -40,8 +40,9 @@ from torch import nn
 import polyak
 
 DECAY = 0.999
-#: Updates before timing polyak: the first copies, the next explore the CPU plans (at most 6
-#: candidates x 2 rounds, polyak.tuning).
+#: Updates before timing, each followed by the limit as in the timed ones (so that polyak explores
+#: its CPU plans, at most 6 candidates x 2 rounds (polyak.tuning), with caches as cold as when it
+#: is timed, as after a training step): the same for every method.
 WARMUP_UPDATES = 16
 
 
@@ -121,8 +122,7 @@ LABELS = {
 
 def make_polyak(model: nn.Module) -> Callable[[], None]:
     ema = polyak.ExponentialMovingAverage(model, momentum=1 - DECAY)
-    for _ in range(WARMUP_UPDATES):  # the copy, then the CPU plan's exploration (polyak.tuning)
-        ema.update_parameters(model)
+    ema.update_parameters(model)  # the copy; measure() warms up (the CPU plan's exploration)
     return lambda: ema.update_parameters(model)
 
 
@@ -193,7 +193,8 @@ def competing_load(enabled: bool) -> Iterator[str]:
         yield "idle"
         return
     cpu = max(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    code = f"import os\nif {cpu!r} is not None: os.sched_setaffinity(0, {{{cpu!r}}})\nwhile True: pass\n"
+    pin = f"import os\nos.sched_setaffinity(0, {{{cpu!r}}})\n" if cpu is not None else ""
+    code = pin + "while True: pass\n"
     spinner = subprocess.Popen([sys.executable, "-c", code])
     atexit.register(spinner.kill)
     time.sleep(0.5)  # let it start spinning
@@ -234,7 +235,7 @@ def measure(model_fn: Callable[[], nn.Module], peer: str, device: torch.device, 
     def limit() -> None:
         limit_a.lerp_(limit_b, 1 - DECAY)
 
-    for _ in range(3):
+    for _ in range(WARMUP_UPDATES):
         update()
         limit()
     times, limits, ratios = [], [], []
@@ -259,19 +260,30 @@ def measure_group(model_fn: Callable[[], nn.Module], n: int, device: torch.devic
     separate = [polyak.ExponentialMovingAverage(model, momentum=1 - d) for d in decays]
     grouped = [polyak.ExponentialMovingAverage(model, momentum=1 - d) for d in decays]
     group = polyak.AverageGroup(grouped)
-    for _ in range(3):
-        for e in separate:
-            e.update_parameters(model)
-        group.update_parameters(model)
+    numel = sum(p.numel() for p in model.parameters())
+    flush_a = torch.randn(numel, device=device)
+    flush_b = torch.randn(numel, device=device)
+
+    def flush() -> None:  # evicts the caches, as a training step does between two updates
+        flush_a.lerp_(flush_b, 1 - DECAY)
 
     def run_separate() -> None:
         for e in separate:
             e.update_parameters(model)
 
+    def run_group() -> None:
+        group.update_parameters(model)
+
+    for _ in range(WARMUP_UPDATES):
+        for run in (run_separate, run_group):
+            run()
+            flush()
     t_sep, t_grp = [], []
     for _ in range(repeats):
         t_sep.append(_timed(run_separate, device))
-        t_grp.append(_timed(lambda: group.update_parameters(model), device))
+        flush()
+        t_grp.append(_timed(run_group, device))
+        flush()
     return {"separate_ms": 1e3 * statistics.median(t_sep), "group_ms": 1e3 * statistics.median(t_grp)}
 
 
