@@ -40,6 +40,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	mkdir -p bench-results
 	$(PY) benchmarks/update_speed.py --json bench-results/update_speed.json --png bench-results/update_speed.png
+	$(PY) benchmarks/update_breakdown.py
 	$(PY) benchmarks/precision.py
 	$(PY) benchmarks/health.py
 
