@@ -516,8 +516,7 @@ class BaseAveragedModel(nn.Module):
         """What each tensor of ``.module`` is, by its name in ``module.state_dict()``:
         ``"avg"`` (averaged), ``"copy"`` (copied from the model) or ``"skip"`` (shared with the
         model)."""
-        self.wait()
-        return {e.path: self._engine.kind(e) for e in self._engine.target_state().values()}
+        return {e.path: self._engine.kind(e) for e in self._engine.target_state().values()}  # no tensor read
 
     def health(self, model: nn.Module, *, warn: bool = True) -> Health:
         """A health report of the average against the live ``model`` (:class:`polyak.health.Health`):
