@@ -81,6 +81,57 @@ def test_explores_again_after_recheck_every_updates(clock: dict[str, float], mon
     assert tuner.explorations == 2 and tuner.exploring
 
 
+def test_looks_once_more_when_the_chosen_plan_runs_slower_than_another_explored(clock: dict[str, float]) -> None:
+    """The chosen plan's usual time, once known, is more than SLOWER_BY times what another
+    candidate took in the exploration (the scheduler moved a thread just after it): one more
+    exploration, which sees the change and switches."""
+    candidates, _ = recording(["a", "b"])
+    clock.update(a=1.0, b=2.0)
+    tuner = PlanTuner(candidates)
+    for _ in range(2 * tuning.EXPLORE_ROUNDS):
+        tuner.run(0.5)
+    assert tuner.chosen == "a" and tuner.explorations == 1
+    clock.update(a=3.5)  # > SLOWER_BY x b's 2.0
+    for _ in range(tuning.SLOWER_WINDOW):
+        tuner.run(0.5)
+    assert tuner.exploring and tuner.explorations == 2
+    for _ in range(2 * tuning.EXPLORE_ROUNDS):
+        tuner.run(0.5)
+    assert tuner.chosen == "b" and not tuner.exploring
+
+
+def test_the_second_look_is_not_repeated_when_every_exploration_looks_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine where a explores at 1.0 and then always runs at 4.0 (b explores at 2.0): one
+    second look, then a is kept until the next exploration for another reason; no loop."""
+    phase = {"now": "explore"}
+
+    def timed(candidate: Candidate, weight: object) -> float:
+        candidate.run(weight)
+        if candidate.name == "b":
+            return 2.0
+        return 1.0 if phase["now"] == "explore" else 4.0
+
+    monkeypatch.setattr(tuning, "_timed", timed)
+    choose, explore = PlanTuner._choose, PlanTuner._explore
+
+    def choose_then_exploit(self: PlanTuner) -> None:
+        choose(self)
+        phase["now"] = "exploit"
+
+    def explore_marked(self: PlanTuner, **kwargs: bool) -> None:
+        explore(self, **kwargs)
+        phase["now"] = "explore"
+
+    monkeypatch.setattr(PlanTuner, "_choose", choose_then_exploit)
+    monkeypatch.setattr(PlanTuner, "_explore", explore_marked)
+    candidates, calls = recording(["a", "b"])
+    tuner = PlanTuner(candidates)
+    for _ in range(2 * tuning.EXPLORE_ROUNDS + 5 * tuning.SLOWER_WINDOW):
+        tuner.run(0.5)
+    assert tuner.explorations == 2 and tuner.chosen == "a" and not tuner.exploring
+    assert calls[-3 * tuning.SLOWER_WINDOW :] == ["a"] * (3 * tuning.SLOWER_WINDOW)
+
+
 def test_a_candidate_runs_with_its_thread_count_which_is_restored_even_on_error() -> None:
     before = torch.get_num_threads()
     seen: list[int] = []

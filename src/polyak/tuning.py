@@ -14,7 +14,12 @@ timing the real updates themselves, with no trial on scratch memory:
   its first ``SLOWER_WINDOW`` runs is its usual time (between two updates a training step
   evicts the caches, which an exploration run back to back may not have);
 * *explore again* after ``RECHECK_EVERY`` updates, or as soon as ``SLOWER_WINDOW`` updates in a
-  row took more than ``SLOWER_BY`` times its usual time (another process took a core).
+  row took more than ``SLOWER_BY`` times its usual time (another process took a core);
+* *and once more* when its usual time is more than ``SLOWER_BY`` times the time another
+  candidate took in the exploration (the exploration did not see what the updates see: the
+  scheduler moved a thread onto a busy core just after it, say). That second look is not
+  repeated before the next exploration for another reason, so a machine where every
+  exploration looks faster than the updates that follow cannot make it explore in a loop.
 
 The cost when nothing changes is two ``time.perf_counter`` calls per update.
 """
@@ -67,6 +72,7 @@ class PlanTuner:
         self._since = 0
         self._slow = 0
         self._usual: list[float] = []
+        self._second_look = True
         self._explore()
 
     @property
@@ -78,8 +84,11 @@ class PlanTuner:
     def exploring(self) -> bool:
         return bool(self._queue)
 
-    def _explore(self) -> None:
+    def _explore(self, *, second_look: bool = True) -> None:
+        """Start an exploration; ``second_look``: whether its choice may be looked at again
+        once its usual time is known (False for that second look itself)."""
         self.explorations += 1
+        self._second_look = second_look
         self.timings = {}
         self._queue = [i for _ in range(EXPLORE_ROUNDS) for i in range(len(self.candidates))]
         self._queue.reverse()  # popped from the end: candidate 0 first
@@ -101,6 +110,10 @@ class PlanTuner:
             self._usual.append(elapsed)
             if len(self._usual) == SLOWER_WINDOW:
                 self._best_time = sorted(self._usual)[SLOWER_WINDOW // 2]
+                others = [t for name, t in self.timings.items() if name != self.chosen]
+                if self._second_look and others and self._best_time > SLOWER_BY * min(others):
+                    self._explore(second_look=False)
+                    return
         else:
             self._slow = self._slow + 1 if elapsed > SLOWER_BY * self._best_time else 0
         if self._since >= RECHECK_EVERY or self._slow >= SLOWER_WINDOW:
