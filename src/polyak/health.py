@@ -178,8 +178,9 @@ def measure(
 ) -> Health:
     """The :class:`Health` of ``average`` against the live ``model``: one pass over the averaged
     tensors of both on their device (float32 and float64 ones by multi-tensor kernels in batches
-    of ``MEASURE_CHUNK`` elements, whose difference is the one temporary; 16-bit ones one at a
-    time), no host synchronisation (the numbers are read by :meth:`Health.values`)."""
+    of ``MEASURE_CHUNK`` elements, whose difference, and for a model in another dtype its
+    converted copy, are the temporaries; 16-bit ones one at a time), no host synchronisation
+    (the numbers are read by :meth:`Health.values`)."""
     kinds = average.tensor_kinds()
     counts = {kind: sum(1 for k in kinds.values() if k == kind) for kind in ("avg", "copy", "skip")}
     weight = average.current_momentum
@@ -249,8 +250,9 @@ def measure(
     return report
 
 
-#: Elements per batch of tensors measured together by multi-tensor kernels (the difference of
-#: a batch is the one temporary: 16 MiB in float32).
+#: Elements per batch of tensors measured together by multi-tensor kernels (a batch's
+#: difference is a temporary of 16 MiB in float32; so is the model's batch converted to the
+#: average's dtype, when they differ).
 MEASURE_CHUNK = 1 << 22
 
 
