@@ -22,6 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "polyak.registry",
         "polyak.tensors",
         "polyak.schedules",
+        "polyak.kernels",
         "polyak.gpu",
         "polyak.tuning",
         "polyak.engine",

@@ -31,11 +31,12 @@ import operator
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .kernels import Weight, adjacent, chunk_ranges, flat_view, foreach_lerp_
 from .tensors import StateEntry, is_averaged, is_dtensor, local, named_state
 from .tuning import Candidate, PlanTuner
 
@@ -63,10 +64,6 @@ GATHER_CHUNK = 1 << 18
 #: memcpy per input; above the grain, with several threads, it copies input by input) and
 #: neither kernel opens a parallel region that a busy core would hold up.
 SERIAL_CHUNK = (1 << 15) - 1
-
-Weight = Union[float, Tensor]  # noqa: UP007 (a runtime alias)
-"""The weight of the source in an update: a host float, or a 0-d tensor on the average's
-device (read by the kernel, never by the host)."""
 
 _data_ptr = Tensor.data_ptr
 _getitem = operator.getitem
@@ -126,15 +123,15 @@ def _coalesce(dst: list[Tensor], src: list[Tensor]) -> tuple[list[Tensor], list[
     i, n = 0, len(dst)
     while i < n:
         j = i
-        while j + 1 < n and _adjacent(dst[j], dst[j + 1]) and _adjacent(src[j], src[j + 1]):
+        while j + 1 < n and adjacent(dst[j], dst[j + 1]) and adjacent(src[j], src[j + 1]):
             j += 1
         if j == i:
             out_d.append(dst[i])
             out_s.append(src[i])
         else:
             numel = sum(t.numel() for t in dst[i : j + 1])
-            out_d.append(_flat_view(dst[i], numel))
-            out_s.append(_flat_view(src[i], numel))
+            out_d.append(flat_view(dst[i], numel))
+            out_s.append(flat_view(src[i], numel))
         i = j + 1
     return out_d, out_s
 
@@ -149,20 +146,6 @@ def _pieces(dst: list[Tensor], src: list[Tensor], chunk: int) -> Iterator[tuple[
         d1, s1 = d.view(-1), s.reshape(-1)
         for a in range(0, n, chunk):
             yield d1[a : a + chunk], s1[a : a + chunk]
-
-
-def _flat_view(first: Tensor, numel: int) -> Tensor:
-    """A 1-d view of ``numel`` elements of ``first``'s storage, starting where ``first`` does."""
-    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (numel,))
-
-
-def _adjacent(a: Tensor, b: Tensor) -> bool:
-    return (
-        a.is_contiguous()
-        and b.is_contiguous()
-        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-        and a.storage_offset() + a.numel() == b.storage_offset()
-    )
 
 
 @dataclass
@@ -190,10 +173,10 @@ class _Group:
 
     def lerp_(self, weight: Weight) -> None:
         if self.dst:
-            _lerp(self.dst, self.src, weight)
+            foreach_lerp_(self.dst, self.src, weight)
         for dst, src, scratch in self.staged:
             torch._foreach_copy_(scratch, src)
-            _lerp(dst, scratch, weight)
+            foreach_lerp_(dst, scratch, weight)
         for run, srcs, gathered, converted in self.gathered:
             torch.cat(srcs, out=gathered)
             if converted is not None:
@@ -296,8 +279,8 @@ def _contiguous_batches(dst: list[Tensor], src: list[Tensor], limit: int) -> Ite
     used = 0
     for d, s in pieces:
         n = d.numel()
-        if run_d and (used + n > limit or not (d.is_contiguous() and _adjacent(run_d[-1], d))):
-            yield _flat_view(run_d[0], used), run_s
+        if run_d and (used + n > limit or not (d.is_contiguous() and adjacent(run_d[-1], d))):
+            yield flat_view(run_d[0], used), run_s
             run_d, run_s, used = [], [], 0
         if not d.is_contiguous():  # a strided target: on its own, through a contiguous copy
             raise ValueError("stochastic rounding needs contiguous averaged tensors")
@@ -305,29 +288,7 @@ def _contiguous_batches(dst: list[Tensor], src: list[Tensor], limit: int) -> Ite
         run_s.append(s.reshape(-1))
         used += n
     if run_d:
-        yield _flat_view(run_d[0], used), run_s
-
-
-def _lerp(dst: list[Tensor], src: list[Tensor], weight: Weight) -> None:
-    if isinstance(weight, Tensor):
-        # The Tensor[] overload reads the weight on the device; a 0-d tensor passed as a
-        # Scalar would be read back to the host.
-        torch._foreach_lerp_(dst, src, [weight] * len(dst))
-    else:
-        torch._foreach_lerp_(dst, src, weight)
-
-
-def _chunks(sizes: list[int], limit: int) -> Iterator[tuple[int, int]]:
-    """Split consecutive items into [start, stop) ranges of at most ``limit`` elements (an item
-    larger than ``limit`` stands alone)."""
-    start, used = 0, 0
-    for i, n in enumerate(sizes):
-        if used and used + n > limit:
-            yield start, i
-            start, used = i, 0
-        used += n
-    if start < len(sizes):
-        yield start, len(sizes)
+        yield flat_view(run_d[0], used), run_s
 
 
 def _plan_average(dst: list[Tensor], src: list[Tensor], *, mismatch: bool, chunk: int | None = GATHER_CHUNK) -> _Group:
@@ -360,7 +321,7 @@ def _gather_runs(dst: list[Tensor], src: list[Tensor]) -> tuple[list[tuple[int, 
     while i < n:
         j = i
         if small(i):
-            while j + 1 < n and small(j + 1) and _adjacent(dst[j], dst[j + 1]):
+            while j + 1 < n and small(j + 1) and adjacent(dst[j], dst[j + 1]):
                 j += 1
         if j + 1 - i >= GATHER_MIN_RUN:
             runs.append((i, j + 1))
@@ -378,7 +339,7 @@ def _gathered_plan(
     ``mismatch``) to ``cat`` the sources into."""
     batches = []
     for a, b in runs:
-        for c, d in _chunks([dst[k].numel() for k in range(a, b)], chunk):
+        for c, d in chunk_ranges([dst[k].numel() for k in range(a, b)], chunk):
             batches.append((a + c, a + d))
     if not batches:
         return []
@@ -388,7 +349,7 @@ def _gathered_plan(
     converted = torch.empty(size, device=dst[0].device, dtype=dst[0].dtype) if mismatch else None
     return [
         (
-            _flat_view(dst[c], numel),
+            flat_view(dst[c], numel),
             [src[k].view(-1) for k in range(c, d)],
             scratch[:numel],
             None if converted is None else converted[:numel],
@@ -407,7 +368,7 @@ def _staged_plan(dst: list[Tensor], src: list[Tensor]) -> list[tuple[list[Tensor
     sizes = [d.numel() for d, _ in pieces]
     scratch = torch.empty(max(max(sizes), min(STAGING_CHUNK, sum(sizes))), device=dst[0].device, dtype=dst[0].dtype)
     staged = []
-    for c, d in _chunks(sizes, scratch.numel()):
+    for c, d in chunk_ranges(sizes, scratch.numel()):
         views, used = [], 0
         for k in range(c, d):
             views.append(scratch[used : used + sizes[k]].view(pieces[k][0].shape))
@@ -427,15 +388,15 @@ def _plan_copy(dst: list[Tensor], src: list[Tensor]) -> _Group:
     while i < n:
         j = i
         if dst[i].is_contiguous() and src[i].is_contiguous():
-            while j + 1 < n and src[j + 1].is_contiguous() and _adjacent(dst[j], dst[j + 1]):
+            while j + 1 < n and src[j + 1].is_contiguous() and adjacent(dst[j], dst[j + 1]):
                 j += 1
         if j == i:
             group.dst.append(dst[i])
             group.src.append(src[i])
         else:
-            for c, d in _chunks([dst[k].numel() for k in range(i, j + 1)], SERIAL_CHUNK):
+            for c, d in chunk_ranges([dst[k].numel() for k in range(i, j + 1)], SERIAL_CHUNK):
                 numel = sum(dst[k].numel() for k in range(i + c, i + d))
-                group.copied.append((_flat_view(dst[i + c], numel), [src[k].view(-1) for k in range(i + c, i + d)]))
+                group.copied.append((flat_view(dst[i + c], numel), [src[k].view(-1) for k in range(i + c, i + d)]))
         i = j + 1
     return group
 
@@ -953,12 +914,12 @@ class _SharedPlan:
     def lerp_(self, weights: Sequence[Weight]) -> None:
         for src, dsts in self.chunks:
             for dst, w in zip(dsts, weights, strict=True):
-                _lerp(dst, src, w)
+                foreach_lerp_(dst, src, w)
         g0 = self.groups[0]
         for k, (_, src, scratch) in enumerate(g0.staged):
             torch._foreach_copy_(scratch, src)
             for g, w in zip(self.groups, weights, strict=True):
-                _lerp(g.staged[k][0], scratch, w)
+                foreach_lerp_(g.staged[k][0], scratch, w)
         for k, (_, srcs, gathered, converted) in enumerate(g0.gathered):
             torch.cat(srcs, out=gathered)
             if converted is not None:
@@ -1004,7 +965,7 @@ def _shared_plan(groups: list[_Group]) -> _SharedPlan:
     cut = [list(_pieces(g.dst, g0.src, SHARED_READ_CHUNK)) for g in groups]
     sizes = [d.numel() for d, _ in cut[0]]
     chunks = []
-    for lo, hi in _chunks(sizes, SHARED_READ_CHUNK):
+    for lo, hi in chunk_ranges(sizes, SHARED_READ_CHUNK):
         src = [s for _, s in cut[0][lo:hi]]
         chunks.append((src, [[d for d, _ in pieces[lo:hi]] for pieces in cut]))
     return _SharedPlan(groups, chunks)

@@ -19,9 +19,9 @@ pass. Each does nothing on a machine without CUDA: there it falls back to the pl
   the weight is computed there from the schedule's formula, so an update reads nothing back
   to the host and can be captured in a CUDA graph and replayed.
 
-This module imports only torch and :mod:`polyak.schedules`; the engine selects
-:class:`OffloadGroup` for pairs whose source is on a CUDA device and whose average is on the
-CPU.
+This module imports only torch, :mod:`polyak.kernels` and :mod:`polyak.schedules`; the engine
+selects :class:`OffloadGroup` for pairs whose source is on a CUDA device and whose average is
+on the CPU.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .kernels import Weight, adjacent, chunk_ranges, flat_view, foreach_lerp_
 from .schedules import (
     ConstantMomentum,
     CosineMomentum,
@@ -60,9 +61,6 @@ __all__ = [
     "update_momentum_on_device",
     "OFFLOAD_CHUNK",
 ]
-
-Weight = Union[float, Tensor]  # noqa: UP007 (a runtime alias)
-"""The weight of the source in an update: a host float, or a 0-d tensor on the average's device."""
 
 #: Elements per chunk of an offloaded update when the engine does not say (its
 #: ``STAGING_CHUNK``: 4 MiB in fp32).
@@ -188,28 +186,6 @@ def _tensors_in(obj: Any, depth: int = 0) -> Iterator[Tensor]:
 # Pinned, double-buffered offload
 
 
-def _lerp(dst: list[Tensor], src: list[Tensor], weight: Weight) -> None:
-    if isinstance(weight, Tensor):
-        torch._foreach_lerp_(dst, src, [weight] * len(dst))
-    else:
-        torch._foreach_lerp_(dst, src, weight)
-
-
-def _flat_view(first: Tensor, numel: int) -> Tensor:
-    """A 1-d view of ``numel`` elements of ``first``'s storage, starting where ``first`` does."""
-    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (numel,))
-
-
-def _follows(a: Tensor, b: Tensor) -> bool:
-    """Whether contiguous ``b`` starts in memory where contiguous ``a`` ends."""
-    return (
-        a.is_contiguous()
-        and b.is_contiguous()
-        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-        and a.storage_offset() + a.numel() == b.storage_offset()
-    )
-
-
 def _offload_pieces(dst: Sequence[Tensor], src: Sequence[Tensor], chunk: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Pairs cut into 1-d pieces of at most ``chunk`` elements where both sides are contiguous;
     a pair with a strided side stays whole (the staging buffer is made large enough)."""
@@ -223,18 +199,6 @@ def _offload_pieces(dst: Sequence[Tensor], src: Sequence[Tensor], chunk: int) ->
                 yield d1[a : a + chunk], s1[a : a + chunk]
         else:
             yield d, s
-
-
-def _chunk_ranges(sizes: list[int], limit: int) -> Iterator[tuple[int, int]]:
-    """Consecutive items in [start, stop) ranges of at most ``limit`` elements."""
-    start, used = 0, 0
-    for i, n in enumerate(sizes):
-        if used and used + n > limit:
-            yield start, i
-            start, used = i, 0
-        used += n
-    if start < len(sizes):
-        yield start, len(sizes)
 
 
 @dataclass
@@ -322,7 +286,7 @@ class OffloadGroup:
         self.stream = torch.cuda.Stream(source.device) if self.pinned else None
         self.events = [torch.cuda.Event(), torch.cuda.Event()] if self.pinned else []
         self.source_device = source.device
-        ranges = list(_chunk_ranges(sizes, size))
+        ranges = list(chunk_ranges(sizes, size))
         for i, (a, b) in enumerate(ranges):
             self.chunks.append(self._plan_chunk(pieces[a:b], i % 2, size))
         fallback = self.convert if self.convert is not None else self.host[0]
@@ -367,7 +331,7 @@ class OffloadGroup:
         for d, _ in ordered:
             n = d.numel()
             last = runs[-1][1] if runs else None
-            if last is not None and last.is_contiguous() and _follows(last, d):
+            if last is not None and last.is_contiguous() and adjacent(last, d):
                 runs[-1][1] = d
                 runs[-1][3] += n
             else:
@@ -378,7 +342,7 @@ class OffloadGroup:
                 c.targets.append(first)
                 c.staged.append(staging[start : start + m].view(first.shape))
             else:
-                c.targets.append(_flat_view(first, m))
+                c.targets.append(flat_view(first, m))
                 c.staged.append(staging[start : start + m])
         return c
 
@@ -412,7 +376,7 @@ class OffloadGroup:
         if weight is None:
             torch._foreach_copy_(c.targets, c.staged)
         else:
-            _lerp(c.targets, c.staged, weight)
+            foreach_lerp_(c.targets, c.staged, weight)
 
     def _run(self, weight: Weight | None) -> None:
         n = len(self.chunks)
